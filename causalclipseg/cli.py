@@ -1,0 +1,203 @@
+"""``causalclipseg <verb>``: predict, train, evaluate, verify-data. Each verb is a testable ``main(argv)``.
+
+User errors end in one line on stderr (``error: ...``) and exit status 2; never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from .factory import DEFAULT_MODEL, list_models
+
+__all__ = ["main", "predict_main", "train_main", "evaluate_main"]
+
+USER_ERRORS = (ValueError, TypeError, FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError)
+
+
+def _fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
+def _read_prompt(args: argparse.Namespace) -> str:
+    if args.prompt_file is not None:
+        try:
+            return Path(args.prompt_file).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as err:
+            raise ValueError(f"cannot read prompt file {args.prompt_file}: {err}") from err
+    return args.prompt
+
+
+def _model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=DEFAULT_MODEL, choices=list_models(), help="model variant")
+    parser.add_argument("--checkpoint", default=None,
+                        help="CausalCLIPSeg weights (.pt or .safetensors); default: the weights shipped for "
+                             f"'{DEFAULT_MODEL}'")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
+
+
+def predict_main(argv: Sequence[str] | None = None) -> int:
+    """Segment image files or folders with a prompt; writes ``<name>_mask.*`` and ``<name>_overlay.png``."""
+    parser = argparse.ArgumentParser(
+        prog="causalclipseg predict", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Segment what the prompt describes. Inputs: PNG/JPEG/BMP/TIFF, DICOM or single-slice NIfTI "
+                    "files, or folders of them. Masks are written on the input's grid: PNG (0/255) for pictures, "
+                    "NIfTI (0/1, the input's geometry) for DICOM and NIfTI; plus an overlay PNG.")
+    parser.add_argument("inputs", nargs="+", help="image files or folders")
+    prompt = parser.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help='e.g. "bilateral pulmonary infection, two infected areas, lower left lung '
+                                         'and lower right lung."')
+    prompt.add_argument("--prompt-file", help="UTF-8 text file holding the prompt (safe for any punctuation)")
+    parser.add_argument("--output-dir", default="causalclipseg_output", help="folder for masks and overlays")
+    parser.add_argument("--threshold", type=float, default=0.5, help="probability above which a pixel is lesion")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    _model_args(parser)
+    args = parser.parse_args(argv)
+    from tqdm import tqdm
+
+    from .engine.inference import Predictor, find_images
+    try:
+        text = _read_prompt(args)
+        files = find_images(args.inputs)
+        predictor = Predictor(args.model, args.checkpoint, device=args.device, threshold=args.threshold)
+        predictor.model.tokenize(text)
+    except USER_ERRORS as err:
+        return _fail(str(err))
+    failures = 0
+    for path in tqdm(files, desc="predict", disable=len(files) < 2):
+        try:
+            written = predictor.write(predictor.predict(path, text), args.output_dir, overwrite=args.overwrite)
+        except USER_ERRORS as err:
+            failures += 1
+            print(f"error: {err}", file=sys.stderr)
+            continue
+        print(f"{path} -> {written[0]}, {written[1]}")
+    return 2 if failures else 0
+
+
+_TRAIN_HELP = {
+    "data": "dataset root (SGSeg or LViT layout) or MONAI datalist JSON",
+    "output_dir": "run folder: checkpoints, best_model.pt, TensorBoard logs; an existing run there is resumed",
+    "model": "model variant",
+    "pretrained": "CLIP weights for the encoders: open_clip tag (e.g. openai) or file; omit to train from scratch",
+    "encoder_lr_scale": "encoder learning-rate factor; default 0.1 with --pretrained, else 1.0",
+    "reversal_max": "final gradient-reversal coefficient of the min-max game",
+    "checkpoint_every": "save the resumable state every N iterations (and at each epoch end)",
+    "max_train": "use only the first N training records (smoke runs)",
+    "max_val": "use only the first N validation records",
+    "num_workers": "data-loader worker processes",
+    "device": "auto (CUDA when present), cpu, cuda, cuda:N",
+    "amp": "mixed precision on CUDA",
+}
+
+
+def _add_dataclass_args(parser: argparse.ArgumentParser, cls: type) -> None:
+    for field in dataclasses.fields(cls):
+        flag = "--" + field.name.replace("_", "-")
+        required = field.default is dataclasses.MISSING
+        help_text = _TRAIN_HELP.get(field.name, field.name.replace("_", " "))
+        if field.type in ("bool",):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default, help=help_text)
+            continue
+        kind = {"int": int, "float": float, "int | None": int, "float | None": float}.get(field.type, str)
+        kwargs: dict = {"type": kind, "help": help_text, "required": required}
+        if not required:
+            kwargs["default"] = field.default
+        if field.name == "model":
+            kwargs["choices"] = list_models()
+        parser.add_argument(flag, **kwargs)
+
+
+def train_main(argv: Sequence[str] | None = None) -> int:
+    """Train (or resume) a model on a dataset."""
+    from .engine.training import TrainConfig, train
+    parser = argparse.ArgumentParser(
+        prog="causalclipseg train", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Train CausalCLIPSeg with the adversarial min-max step; validates every --val-every epochs, "
+                    "keeps the best model by per-image Dice, and resumes an interrupted run from --output-dir. "
+                    "Run `causalclipseg verify-data` on the dataset first.")
+    _add_dataclass_args(parser, TrainConfig)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    try:
+        best = train(TrainConfig(**vars(args)))
+    except USER_ERRORS as err:
+        return _fail(str(err))
+    print(json.dumps(best, indent=2))
+    return 0
+
+
+def evaluate_main(argv: Sequence[str] | None = None) -> int:
+    """Score a model on a dataset split under both metric protocols."""
+    parser = argparse.ArgumentParser(
+        prog="causalclipseg evaluate", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Dice and IoU at threshold 0.5 under both protocols: per-image mean (LViT / CausalCLIPSeg "
+                    "papers) and dataset-level (areas accumulated over the set), each with a bootstrap 95%% interval.")
+    parser.add_argument("--data", required=True, help="dataset root or MONAI datalist JSON")
+    parser.add_argument("--split", default="valid", help="train, valid or test")
+    parser.add_argument("--prompt-transform", default="none", choices=["none", "swap", "empty"],
+                        help="evaluate with the prompts unchanged, left/right swapped, or empty (text reliance)")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--max-images", type=int, default=None, help="score only the first N images")
+    parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the intervals")
+    parser.add_argument("--csv", default=None, help="write per-image rows here")
+    parser.add_argument("--json", default=None, help="write the summary here")
+    _model_args(parser)
+    args = parser.parse_args(argv)
+    from monai.data import DataLoader, Dataset
+
+    from .data.readers import read_dataset
+    from .data.transforms import get_val_transforms
+    from .engine.evaluation import evaluate_model
+    from .engine.inference import load_trained_model
+    try:
+        model = load_trained_model(args.model, args.checkpoint, device=args.device)
+        records = read_dataset(args.data, args.split)[: args.max_images]
+        transforms = get_val_transforms(model.config.image_size, model.config.clip.context_length,
+                                        args.prompt_transform)
+        loader = DataLoader(Dataset(records, transforms), batch_size=args.batch_size)
+        scores = evaluate_model(model, loader, next(model.parameters()).device, progress=True)
+        summary = scores.summary(n_resamples=args.bootstrap)
+    except USER_ERRORS as err:
+        return _fail(str(err))
+    print(f"{args.split} ({args.prompt_transform} prompts): {summary}")
+    if args.csv:
+        scores.to_csv(args.csv)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"split": args.split, "prompt_transform": args.prompt_transform,
+                                               "model": args.model, **summary.to_dict()}, indent=2))
+    return 0
+
+
+def _verify_main(argv: Sequence[str] | None = None) -> int:
+    from .data.verify import main as verify_main
+    return verify_main(argv)
+
+
+VERBS: dict[str, tuple[Callable[[Sequence[str] | None], int], str]] = {
+    "predict": (predict_main, "segment images from a text prompt"),
+    "train": (train_main, "train or resume a model"),
+    "evaluate": (evaluate_main, "score a model under both metric protocols"),
+    "verify-data": (_verify_main, "check a dataset before training"),
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Dispatch ``causalclipseg <verb> ...``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in VERBS:
+        usage = "\n".join(f"  {verb:<12} {text}" for verb, (_, text) in VERBS.items())
+        print(f"usage: causalclipseg <verb> [options]   (causalclipseg <verb> --help)\n\nverbs:\n{usage}",
+              file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    return VERBS[argv[0]][0](argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

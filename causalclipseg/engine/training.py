@@ -1,0 +1,276 @@
+"""Training engine: the min-max step on ignite, validation, atomic checkpoints and exact resume.
+
+One training step (``_TrainStep``): ``model.forward_aux`` with the gradient-reversal coefficient of the
+current iteration, :class:`~causalclipseg.losses.CausalSegLoss`, one backward pass, one optimiser and
+scheduler step (AMP on CUDA). The coefficient follows the DANN ramp ``r_max * (2 / (1 + exp(-10 p)) - 1)``
+over training progress ``p``, so the confounder head learns before the trunk starts to fight it.
+
+Resume: the whole state (model, optimiser, scheduler, AMP scaler, ignite trainer state, RNG states,
+best score) is written atomically every ``checkpoint_every`` iterations and at every epoch end. ignite's
+``DeterministicEngine`` reseeds the data order per epoch and fast-forwards to the saved iteration, so
+an interrupted run continues with the same batches it would have seen.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from ignite.engine import Engine, Events
+from ignite.engine.deterministic import DeterministicEngine
+from ignite.handlers import Checkpoint, DiskSaver, ProgressBar
+from monai.data import CacheDataset, DataLoader, Dataset
+from torch.utils.tensorboard import SummaryWriter
+
+from ..data.readers import read_dataset
+from ..data.transforms import get_train_transforms, get_val_transforms
+from ..factory import create_model
+from ..losses import CausalSegLoss
+from .checkpoint import save_weights
+from .evaluation import evaluate_model
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["TrainConfig", "train", "resolve_device", "reversal_coefficient"]
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run depends on; saved as ``train_config.json`` in the output folder."""
+
+    data: str  # dataset root (SGSeg or LViT layout) or a MONAI datalist JSON
+    output_dir: str  # checkpoints, best model, TensorBoard logs, history
+    model: str = "tiny"  # variant from list_models()
+    pretrained: str | None = None  # CLIP weights: open_clip tag or file; None trains from scratch
+    epochs: int = 30
+    batch_size: int = 16
+    lr: float = 1e-3  # AdamW learning rate of the decoder, causal module and projectors
+    encoder_lr_scale: float | None = None  # encoders' lr factor; None: 0.1 with pretrained weights, else 1.0
+    weight_decay: float = 1e-4
+    warmup_iterations: int = 200  # linear warm-up, then cosine decay to 0
+    reversal_max: float = 0.5  # final gradient-reversal coefficient of the min-max game
+    confounder_weight: float = 1.0  # weight of the confounder loss term
+    train_split: str = "train"
+    val_split: str = "valid"
+    val_every: int = 1  # validate every N epochs (best model chosen on per-image Dice)
+    checkpoint_every: int = 100  # also save the resumable state every N iterations
+    max_train: int | None = None  # use only the first N training records (smoke runs)
+    max_val: int | None = None  # use only the first N validation records
+    augment: bool = True
+    seed: int = 0
+    num_workers: int = 0  # DataLoader workers; 0 is fastest on 2 cores with cached data
+    cache: bool = True  # cache the deterministic loading transforms in memory
+    device: str = "auto"  # "auto" (CUDA when present), "cpu", "cuda", "cuda:1" ...
+    amp: bool = True  # mixed precision on CUDA (ignored on the CPU)
+    progress: bool = True
+
+
+def resolve_device(device: str) -> torch.device:
+    """``"auto"`` -> CUDA when present, else CPU; anything else is parsed by ``torch.device``.
+
+    Raises:
+        ValueError: for an unparsable name or a CUDA device on a machine without one.
+    """
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as err:
+        raise ValueError(f"device {device!r} is not a valid torch device ({err})") from err
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available here; use 'cpu' or 'auto'")
+    return dev
+
+
+def reversal_coefficient(progress: float, maximum: float) -> float:
+    """DANN ramp from 0 to ``maximum`` over training progress in [0, 1]."""
+    return maximum * (2.0 / (1.0 + math.exp(-10.0 * progress)) - 1.0)
+
+
+class _TrainerState:
+    """The trainer's state for checkpoints, with its RNG states as tensors so that ``weights_only`` loading works.
+
+    ignite's ``DeterministicEngine`` stores ``[python, torch, numpy]`` RNG states; the Python and NumPy
+    ones are converted to int64 tensors here and back on load.
+    """
+
+    def __init__(self, trainer: Engine) -> None:
+        self.trainer = trainer
+
+    def state_dict(self) -> dict[str, Any]:
+        state = dict(self.trainer.state_dict())
+        (py_version, py_keys, py_gauss), torch_state, np_state = state.pop("rng_states")
+        state["rng"] = {"python_version": py_version, "python_keys": torch.tensor(py_keys, dtype=torch.int64),
+                        "python_gauss": py_gauss, "torch": torch_state,
+                        "numpy_keys": torch.from_numpy(np_state[1].astype(np.int64)), "numpy_pos": int(np_state[2])}
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        rng = state.pop("rng")
+        state["rng_states"] = [
+            (int(rng["python_version"]), tuple(int(k) for k in rng["python_keys"]), rng["python_gauss"]),
+            rng["torch"],
+            ("MT19937", rng["numpy_keys"].numpy().astype(np.uint32), int(rng["numpy_pos"]), 0, 0.0),
+        ]
+        self.trainer.load_state_dict(state)
+
+
+class _Best:
+    """Best validation score so far (checkpointed, so a resumed run keeps selecting correctly)."""
+
+    def __init__(self) -> None:
+        self.dice = -1.0
+        self.epoch = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"dice": self.dice, "epoch": self.epoch}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.dice, self.epoch = float(state["dice"]), int(state["epoch"])
+
+
+def _param_groups(model: torch.nn.Module, lr: float, encoder_scale: float, weight_decay: float) -> list[dict]:
+    encoder_ids = {id(p) for p in (*model.image_encoder.parameters(), *model.text_encoder.parameters())}
+    encoders = [p for p in model.parameters() if id(p) in encoder_ids]
+    rest = [p for p in model.parameters() if id(p) not in encoder_ids]
+    return [{"params": encoders, "lr": lr * encoder_scale, "weight_decay": weight_decay},
+            {"params": rest, "lr": lr, "weight_decay": weight_decay}]
+
+
+def _loaders(cfg: TrainConfig, context_length: int, image_size: int) -> tuple[DataLoader, DataLoader]:
+    train_records = read_dataset(cfg.data, cfg.train_split)[: cfg.max_train]
+    val_records = read_dataset(cfg.data, cfg.val_split)[: cfg.max_val]
+    if not train_records or not val_records:
+        raise ValueError(f"dataset {cfg.data} has {len(train_records)} {cfg.train_split!r} and "
+                         f"{len(val_records)} {cfg.val_split!r} records; both must be non-empty")
+    train_tf = get_train_transforms(image_size, context_length, augment=cfg.augment)
+    val_tf = get_val_transforms(image_size, context_length)
+
+    def dataset(records: list[dict], transform) -> Dataset:
+        if cfg.cache:
+            return CacheDataset(records, transform, num_workers=None, progress=cfg.progress)
+        return Dataset(records, transform)
+
+    train_loader = DataLoader(dataset(train_records, train_tf), batch_size=cfg.batch_size, shuffle=True,
+                              drop_last=len(train_records) > cfg.batch_size, num_workers=cfg.num_workers)
+    val_loader = DataLoader(dataset(val_records, val_tf), batch_size=cfg.batch_size, num_workers=cfg.num_workers)
+    return train_loader, val_loader
+
+
+class _TrainStep:
+    """ignite process function: one min-max step."""
+
+    def __init__(self, model, loss_fn, optimizer, scheduler, scaler, device, amp, reversal_max, total_iterations):
+        self.model, self.loss_fn, self.optimizer, self.scheduler = model, loss_fn, optimizer, scheduler
+        self.scaler, self.device, self.amp = scaler, device, amp
+        self.reversal_max, self.total = reversal_max, total_iterations
+
+    def __call__(self, engine: Engine, batch: dict[str, Any]) -> dict[str, float]:
+        self.model.train()
+        image = batch["image"].to(self.device).contiguous(memory_format=torch.channels_last)
+        text, label = batch["text"].to(self.device), batch["label"].to(self.device)
+        reversal = reversal_coefficient(engine.state.iteration / self.total, self.reversal_max)
+        with torch.autocast(self.device.type, enabled=self.amp):
+            output = self.model.forward_aux(image, text, reversal=reversal)
+            terms = self.loss_fn(output, label)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(terms.total).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        mask_mean = float(torch.stack([m.detach().float().mean() for m in output.masks]).mean()) if output.masks else 1.0
+        return {"loss": float(terms.total.detach()), "seg": float(terms.segmentation),
+                "conf": float(terms.confounder), "mask_mean": mask_mean, "reversal": reversal}
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Train (or resume) a model; returns the best validation summary.
+
+    Writes into ``cfg.output_dir``: ``checkpoints/last_*.pt`` (the resumable state), ``best_model.pt``
+    (a plain state dict of the best epoch), ``best_metrics.json``, ``history.jsonl`` (one line per
+    validation), ``tensorboard/`` and ``train_config.json``.
+
+    Raises:
+        ValueError: for an unusable configuration, dataset or device.
+    """
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config_file = out / "train_config.json"
+    if config_file.exists() and json.loads(config_file.read_text())["model"] != cfg.model:
+        raise ValueError(f"output_dir {out} holds a run of another model; choose a new output_dir")
+    config_file.write_text(json.dumps(asdict(cfg), indent=2))
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    random.seed(cfg.seed)
+    device = resolve_device(cfg.device)
+    amp = cfg.amp and device.type == "cuda"
+
+    model = create_model(cfg.model, pretrained=cfg.pretrained).to(device)
+    model = model.to(memory_format=torch.channels_last)
+    train_loader, val_loader = _loaders(cfg, model.config.clip.context_length, model.config.image_size)
+    encoder_scale = cfg.encoder_lr_scale if cfg.encoder_lr_scale is not None else (0.1 if cfg.pretrained else 1.0)
+    optimizer = torch.optim.AdamW(_param_groups(model, cfg.lr, encoder_scale, cfg.weight_decay))
+    total = cfg.epochs * len(train_loader)
+
+    def lr_factor(it: int) -> float:
+        if it < cfg.warmup_iterations:
+            return (it + 1) / cfg.warmup_iterations
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (it - cfg.warmup_iterations) / max(1, total - cfg.warmup_iterations))))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp)
+    loss_fn = CausalSegLoss(confounder_weight=cfg.confounder_weight)
+    trainer = DeterministicEngine(_TrainStep(model, loss_fn, optimizer, scheduler, scaler, device, amp,
+                                             cfg.reversal_max, total))
+    best = _Best()
+    to_save = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler,
+               "trainer": _TrainerState(trainer), "best": best}
+    saver = Checkpoint(to_save, DiskSaver(out / "checkpoints", require_empty=False), filename_prefix="last",
+                       n_saved=1, global_step_transform=lambda e, _: e.state.iteration)
+    trainer.add_event_handler(Events.ITERATION_COMPLETED(every=cfg.checkpoint_every) | Events.EPOCH_COMPLETED, saver)
+
+    writer = SummaryWriter(str(out / "tensorboard"))
+
+    @trainer.on(Events.ITERATION_COMPLETED(every=10))
+    def _log_iteration(engine: Engine) -> None:
+        for key, value in engine.state.output.items():
+            writer.add_scalar(f"train/{key}", value, engine.state.iteration)
+        writer.add_scalar("train/lr", optimizer.param_groups[1]["lr"], engine.state.iteration)
+
+    def _final_epoch_unvalidated(engine: Engine, _: int) -> bool:
+        return engine.state.epoch == cfg.epochs and cfg.epochs % cfg.val_every != 0
+
+    @trainer.on(Events.EPOCH_COMPLETED(every=cfg.val_every) | Events.EPOCH_COMPLETED(event_filter=_final_epoch_unvalidated))
+    def _validate(engine: Engine) -> None:
+        summary = evaluate_model(model, val_loader, device).summary()
+        dice = summary.per_image.dice.value
+        record = {"epoch": engine.state.epoch, "iteration": engine.state.iteration, **summary.to_dict()}
+        with open(out / "history.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        for key in ("per_image/dice", "per_image/iou", "dataset_level/dice", "dataset_level/iou"):
+            writer.add_scalar(f"val/{key}", record[key], engine.state.epoch)
+        logger.info("epoch %d: validation per-image Dice %.4f (best %.4f)", engine.state.epoch, dice, best.dice)
+        if dice > best.dice:
+            best.dice, best.epoch = dice, engine.state.epoch
+            save_weights(model.state_dict(), out / "best_model.pt")
+            (out / "best_metrics.json").write_text(json.dumps(record, indent=2))
+
+    if cfg.progress:
+        ProgressBar(persist=False).attach(trainer, output_transform=lambda o: {"loss": o["loss"], "seg": o["seg"]})
+
+    last = sorted((out / "checkpoints").glob("last_*.pt"), key=lambda p: p.stat().st_mtime)
+    if last:
+        Checkpoint.load_objects(to_save, torch.load(last[-1], map_location=device, weights_only=True))
+        logger.info("resumed from %s at epoch %d, iteration %d", last[-1], trainer.state.epoch,
+                    trainer.state.iteration)
+    trainer.run(train_loader, max_epochs=cfg.epochs)
+    writer.close()
+    return json.loads((out / "best_metrics.json").read_text())

@@ -1,0 +1,162 @@
+"""One front door: ``create_model(name, pretrained=..., checkpoint=...)`` and ``list_models()``.
+
+Architecture comes from a JSON file per variant in ``model_configs/``; weights are separate: CLIP
+weights through open_clip (a tag such as ``openai`` or a local file) and CausalCLIPSeg weights from a
+state-dict file (``.pt``/``.pth`` read with ``weights_only=True``, or ``.safetensors``).
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import open_clip
+import torch
+from safetensors.torch import load_file
+
+from .model.causalclipseg import CausalCLIPSeg
+from .model.config import CausalCLIPSegConfig
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["create_model", "list_models", "add_model_config", "get_model_config", "load_state_dict",
+           "DEFAULT_MODEL", "DEFAULT_CHECKPOINT"]
+
+_CONFIG_DIR = Path(__file__).parent / "model_configs"
+_CONFIGS: dict[str, dict[str, Any]] = {}
+
+DEFAULT_MODEL = "tiny"  # the variant we train and ship
+DEFAULT_CHECKPOINT = Path(__file__).parent / "weights" / "causalclipseg_tiny_qata.safetensors"
+
+
+def add_model_config(path: str | os.PathLike) -> None:
+    """Register a JSON config file, or every ``*.json`` in a folder, under its file stem.
+
+    Raises:
+        FileNotFoundError: if ``path`` does not exist.
+        ValueError: if a file is not a valid model config.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"model config path not found: {path}")
+    for file in sorted(path.glob("*.json")) if path.is_dir() else [path]:
+        data = json.loads(file.read_text(encoding="utf-8"))
+        try:
+            CausalCLIPSegConfig.from_dict(data)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"invalid model config {file}: {err}") from err
+        _CONFIGS[file.stem] = data
+
+
+def list_models() -> list[str]:
+    """Names of the registered variants."""
+    return sorted(_CONFIGS)
+
+
+def get_model_config(name: str) -> CausalCLIPSegConfig:
+    """Parsed config of a registered variant.
+
+    Raises:
+        ValueError: for an unknown name, listing the closest valid names.
+    """
+    if name not in _CONFIGS:
+        close = difflib.get_close_matches(name, list(_CONFIGS), n=3, cutoff=0.3)
+        hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+        raise ValueError(f"unknown model {name!r}{hint} (available: {', '.join(list_models())})")
+    return CausalCLIPSegConfig.from_dict(_CONFIGS[name])
+
+
+def _build_clip(config: CausalCLIPSegConfig, pretrained: str | None) -> torch.nn.Module:
+    """An open_clip CLIP with random weights, or weights from an open_clip tag or a local file."""
+    clip_cfg = config.clip
+    model_cfg = clip_cfg.model_cfg if clip_cfg.model_cfg is not None else open_clip.get_model_config(clip_cfg.name)
+    if model_cfg is None:
+        raise ValueError(f"open_clip has no architecture {clip_cfg.name!r}")
+    clip = open_clip.CLIP(**model_cfg)
+    if pretrained is None:
+        return clip
+    if os.path.isfile(pretrained):
+        path = pretrained
+    else:
+        tag_cfg = open_clip.get_pretrained_cfg(clip_cfg.name, pretrained) if clip_cfg.name else {}
+        if not tag_cfg:
+            tags = open_clip.list_pretrained_tags_by_model(clip_cfg.name) if clip_cfg.name else []
+            raise ValueError(f"pretrained={pretrained!r} is neither a file nor an open_clip tag of "
+                             f"{clip_cfg.name or 'this inline architecture'} (tags: {tags})")
+        path = open_clip.download_pretrained(tag_cfg)  # needs network access on first use
+    open_clip.load_checkpoint(clip, path, weights_only=True)
+    logger.info("loaded CLIP weights from %s", path)
+    return clip
+
+
+def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a state dict safely: safetensors, or ``torch.load(weights_only=True)``.
+
+    A training checkpoint (a dict with a ``model`` entry) is accepted too.
+
+    Raises:
+        FileNotFoundError: if the file is missing.
+        ValueError: if the file is not a readable state dict (corrupt, or a pickle with code in it).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - torch/safetensors raise many types; all mean "unreadable"
+        raise ValueError(f"cannot read checkpoint {path}: {type(err).__name__}: {str(err).splitlines()[0]}") from err
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"checkpoint {path} does not hold a state dict of tensors")
+    return state
+
+
+def _load_checkpoint(model: CausalCLIPSeg, path: str | os.PathLike, name: str) -> None:
+    state = load_state_dict(path)
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    mismatched = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or unexpected or mismatched:
+        def first(keys: list[str]) -> str:
+            return ", ".join(keys[:5]) + (f" (+{len(keys) - 5} more)" if len(keys) > 5 else "")
+        problems = [f"{label} keys: {first(keys)}" for label, keys in
+                    (("missing", missing), ("unexpected", unexpected), ("shape-mismatched", mismatched)) if keys]
+        raise ValueError(f"checkpoint {path} does not fit model {name!r} (is it for another variant?): "
+                         + "; ".join(problems))
+    model.load_state_dict(state)
+
+
+def create_model(name: str = DEFAULT_MODEL, pretrained: str | None = None,
+                 checkpoint: str | os.PathLike | None = None) -> CausalCLIPSeg:
+    """Build a CausalCLIPSeg variant and load its weights.
+
+    Args:
+        name: a variant from :func:`list_models`.
+        pretrained: CLIP encoder weights: ``None`` (random), an open_clip tag of the variant's CLIP
+            architecture (downloaded by open_clip), or a path to an open_clip CLIP state dict.
+        checkpoint: a CausalCLIPSeg state dict (all weights, applied after ``pretrained``).
+
+    Returns:
+        the model, in eval mode, on the CPU.
+
+    Raises:
+        ValueError: for an unknown name, an unknown tag, or a checkpoint that does not fit.
+        FileNotFoundError: for a missing checkpoint file.
+    """
+    config = get_model_config(name)
+    model = CausalCLIPSeg(config, _build_clip(config, pretrained))
+    if checkpoint is not None:
+        _load_checkpoint(model, checkpoint, name)
+    return model.eval()
+
+
+add_model_config(_CONFIG_DIR)

@@ -1,0 +1,77 @@
+"""Losses: the only place where labels meet predictions.
+
+Segmentation loss: Dice + BCE with weights 0.5/0.5 (the QaTa/LViT convention), MONAI's ``DiceCELoss``.
+
+The adversarial min-max game of the causal module is implemented as gradient reversal (chosen over
+alternating updates because it needs one forward and one backward pass per step, which matters on a
+CPU). :meth:`CausalCLIPSeg.forward_aux` puts a gradient-reversal layer between the confounding parts
+and the shared decoder, so one loss term, the confounder head's segmentation loss ``L_conf``, is
+*minimised* by the decoder and confounder projector and *maximised* by the encoders, neck and mask
+generators. The training engine ramps the reversal coefficient from 0 (DANN schedule), so the head
+learns to read the confounding parts before the trunk starts hiding the lesion from it.
+
+An unbounded maximisation diverges: the trunk could push the confounder logits to any magnitude of
+the wrong sign. Here the confounder logits are squashed to ``bound * tanh(z / bound)`` before the loss,
+so each pixel's BCE is at most ``softplus(bound)`` and the Dice term at most 1: the most the trunk can
+gain is finite, and its gradient vanishes as the head's prediction saturates.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from monai.losses import DiceCELoss
+from torch import nn
+
+from .model.causalclipseg import CausalCLIPSegOutput
+
+__all__ = ["CausalSegLoss", "LossTerms", "segmentation_loss"]
+
+
+def segmentation_loss(lambda_dice: float = 0.5, lambda_bce: float = 0.5) -> DiceCELoss:
+    """Dice + BCE on (B, 1, H, W) logits and {0, 1} labels (sigmoid; Dice per image, then averaged)."""
+    return DiceCELoss(sigmoid=True, lambda_dice=lambda_dice, lambda_ce=lambda_bce)
+
+
+@dataclass
+class LossTerms:
+    """The total loss and its parts (parts detached, for logging)."""
+
+    total: torch.Tensor  # what to call backward() on
+    segmentation: torch.Tensor  # Dice + BCE of the causal prediction
+    confounder: torch.Tensor  # bounded Dice + BCE of the confounder prediction (0 without the module)
+
+
+class CausalSegLoss(nn.Module):
+    """``L = L_seg(causal) + confounder_weight * L_conf(bounded confounder)``.
+
+    Args:
+        lambda_dice: weight of Dice in both terms.
+        lambda_bce: weight of BCE in both terms.
+        confounder_weight: weight of the confounder term (the adversarial strength is the model's
+            reversal coefficient times this).
+        logit_bound: confounder logits are mapped to ``bound * tanh(z / bound)`` (see module docstring).
+    """
+
+    def __init__(self, lambda_dice: float = 0.5, lambda_bce: float = 0.5, confounder_weight: float = 1.0,
+                 logit_bound: float = 5.0) -> None:
+        super().__init__()
+        if logit_bound <= 0:
+            raise ValueError(f"logit_bound must be > 0, got {logit_bound}")
+        if confounder_weight < 0:
+            raise ValueError(f"confounder_weight must be >= 0, got {confounder_weight}")
+        self.seg = segmentation_loss(lambda_dice, lambda_bce)
+        self.confounder_weight = confounder_weight
+        self.logit_bound = logit_bound
+
+    def forward(self, output: CausalCLIPSegOutput, label: torch.Tensor) -> LossTerms:
+        """output: from ``forward_aux``; label: (B, 1, H, W) in {0, 1} -> :class:`LossTerms`."""
+        seg = self.seg(output.logits, label)
+        if output.confounder_logits is None:
+            conf = torch.zeros((), device=seg.device)
+        else:
+            bounded = self.logit_bound * torch.tanh(output.confounder_logits / self.logit_bound)
+            conf = self.seg(bounded, label)
+        return LossTerms(total=seg + self.confounder_weight * conf, segmentation=seg.detach(),
+                         confounder=conf.detach())

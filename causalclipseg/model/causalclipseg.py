@@ -1,0 +1,139 @@
+"""CausalCLIPSeg: CLIP encoders, cross-modal decoder, causal intervention, text-to-pixel projector."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..tokenizer import PromptTokenizer
+from .causal import CausalIntervention
+from .config import CausalCLIPSegConfig
+from .decoder import CrossModalDecoder, LevelNeck, TextPixelProjector
+from .encoders import TextEncoder, TextFeatures, build_image_encoder
+from .layers import grad_reverse
+
+__all__ = ["CausalCLIPSeg", "CausalCLIPSegOutput"]
+
+
+@dataclass
+class CausalCLIPSegOutput:
+    """Everything :meth:`CausalCLIPSeg.forward_aux` computes."""
+
+    logits: torch.Tensor  # (B, 1, H, W) causal prediction, the one :meth:`CausalCLIPSeg.forward` returns
+    confounder_logits: torch.Tensor | None  # (B, 1, H, W) from the confounding parts; None without the module
+    masks: list[torch.Tensor]  # causal masks per level, (B, dim, H/8), (B, dim, H/16), (B, dim, H/32); [] without
+
+
+class CausalCLIPSeg(nn.Module):
+    """Text-prompted segmentation with a causal intervention module (Chen et al., MICCAI 2024).
+
+    Image and prompt are encoded by CLIP (open_clip); the three image levels are projected to one width
+    and, with the causal module on, split by learned soft masks into causal and confounding parts. The
+    causal parts go through the cross-modal decoder and the text-to-pixel projector to the output; the
+    confounding parts go through the same decoder and a second projector to the confounder prediction,
+    behind a gradient-reversal layer: the decoder and the confounder projector learn to find the lesion
+    in the confounding parts, while the encoders, neck and mask generators receive the reversed gradient
+    and learn to leave nothing there to find (the min-max game; the bounded objective is in
+    :class:`causalclipseg.losses.CausalSegLoss`). At inference only the causal prediction is computed.
+
+    Build it with :func:`causalclipseg.create_model`, which also loads weights.
+
+    Args:
+        config: the architecture.
+        clip: an open_clip ``CLIP`` whose image tower and text modules become the encoders (shared, not copied).
+    """
+
+    def __init__(self, config: CausalCLIPSegConfig, clip: nn.Module) -> None:
+        super().__init__()
+        self.config = config
+        self.image_encoder = build_image_encoder(clip.visual, config.clip.vit_feature_blocks)
+        self.text_encoder = TextEncoder(clip, config.clip.context_length)
+        self.tokenizer = PromptTokenizer(config.clip.context_length)
+        dim, text_dim = config.decoder.dim, self.text_encoder.out_dim
+        dec, proj = config.decoder, config.projector
+        self.neck = LevelNeck(self.image_encoder.out_channels, dim)
+        self.decoder = CrossModalDecoder(dim, text_dim, dec.sentence_gate, dec.num_layers, dec.num_heads,
+                                         dec.ffn_dim, dec.dropout)
+        self.projector = TextPixelProjector(dim, text_dim, proj.stride, proj.kernel_size)
+        self.intervention = CausalIntervention([dim] * 3, config.causal.hidden) if config.causal.enabled else None
+        self.confounder_projector = (TextPixelProjector(dim, text_dim, proj.stride, proj.kernel_size)
+                                     if config.causal.enabled else None)
+
+    def tokenize(self, prompts: str | Sequence[str], allow_empty: bool = False) -> torch.Tensor:
+        """Token ids (N, context_length) for ``forward``; see :class:`~causalclipseg.tokenizer.PromptTokenizer`."""
+        return self.tokenizer(prompts, allow_empty=allow_empty)
+
+    def _check_inputs(self, image: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if not isinstance(image, torch.Tensor) or image.ndim != 4:
+            raise ValueError(f"image must be a (B, C, H, W) tensor, got {getattr(image, 'shape', type(image))}")
+        if image.shape[1] not in (1, 3):
+            raise ValueError(f"image must have 1 or 3 channels, got {image.shape[1]} (shape {tuple(image.shape)})")
+        if image.shape[2] % 32 or image.shape[3] % 32:
+            raise ValueError(f"image height and width must be divisible by 32, got {tuple(image.shape[2:])}")
+        if not isinstance(text, torch.Tensor) or text.ndim != 2 or text.dtype not in (torch.int64, torch.int32):
+            raise TypeError("text must be a (B, L) integer tensor of token ids (use model.tokenize), got "
+                            f"{getattr(text, 'shape', type(text))} {getattr(text, 'dtype', '')}")
+        if text.shape[1] > self.text_encoder.context_length:
+            raise ValueError(f"text has {text.shape[1]} tokens, more than context_length "
+                             f"{self.text_encoder.context_length}")
+        b = image.shape[0]
+        if text.shape[0] not in (1, b):
+            raise ValueError(f"text batch must be 1 or match the image batch {b}, got {text.shape[0]}")
+        # plain tensors: subclasses such as MONAI's MetaTensor would track metadata through every reshape
+        image, text = image.as_subclass(torch.Tensor), text.as_subclass(torch.Tensor)
+        return image.expand(-1, 3, -1, -1), text.expand(b, -1)
+
+    def _encode(self, image: torch.Tensor, text: torch.Tensor) -> tuple[list[torch.Tensor], TextFeatures]:
+        image, text = self._check_inputs(image, text)
+        return self.neck(self.image_encoder(image)), self.text_encoder(text)
+
+    def _predict(self, levels: list[torch.Tensor], text: TextFeatures, projector: TextPixelProjector,
+                 size: torch.Size) -> torch.Tensor:
+        logits = projector(self.decoder(levels, text), levels[0], text.sentence)
+        return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+
+    def forward(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """Segment.
+
+        Args:
+            image: (B, C, H, W), C = 1 or 3, H and W multiples of 32, normalised as CLIP expects.
+            text: (B, L) or (1, L) token ids from :meth:`tokenize`; a batch of 1 is broadcast to B.
+
+        Returns:
+            logits (B, 1, H, W) of the causal prediction.
+
+        Raises:
+            ValueError: on a wrong rank, channel count, size or batch.
+            TypeError: if ``text`` is not an integer tensor.
+        """
+        levels, txt = self._encode(image, text)
+        if self.intervention is not None:
+            levels = self.intervention(levels).causal
+        return self._predict(levels, txt, self.projector, image.shape[-2:])
+
+    def forward_aux(self, image: torch.Tensor, text: torch.Tensor, reversal: float = 1.0) -> CausalCLIPSegOutput:
+        """Segment and return the auxiliary outputs the loss and the explanation heatmaps need.
+
+        Args:
+            image, text: as in :meth:`forward`.
+            reversal: gradient-reversal coefficient between the confounding parts and the decoder (>= 0);
+                the training engine ramps it up from 0.
+
+        Returns:
+            :class:`CausalCLIPSegOutput`.
+        """
+        levels, txt = self._encode(image, text)
+        size = image.shape[-2:]
+        if self.intervention is None:
+            return CausalCLIPSegOutput(self._predict(levels, txt, self.projector, size), None, [])
+        split = self.intervention(levels)
+        confounding = [grad_reverse(x, reversal) for x in split.confounding]
+        return CausalCLIPSegOutput(
+            logits=self._predict(split.causal, txt, self.projector, size),
+            confounder_logits=self._predict(confounding, txt, self.confounder_projector, size),
+            masks=split.masks,
+        )

@@ -1,0 +1,106 @@
+"""Typed model configuration: one JSON file in ``model_configs/`` parses into :class:`CausalCLIPSegConfig`."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+__all__ = ["ClipConfig", "DecoderConfig", "ProjectorConfig", "CausalConfig", "CausalCLIPSegConfig"]
+
+
+@dataclass
+class ClipConfig:
+    """Which open_clip architecture supplies the image and text encoders."""
+
+    name: str | None = None  # open_clip built-in architecture ("RN50", "RN101", "ViT-B-16"); its tags load weights
+    model_cfg: dict[str, Any] | None = None  # inline open_clip model config, for variants open_clip does not ship
+    context_length: int = 32  # prompt token slots incl. start/end; QaTa captions need 22
+    vit_feature_blocks: tuple[int, int] = (3, 7)  # ViT only: blocks (0-based) giving the stride-8 and -16 levels
+
+    def __post_init__(self) -> None:
+        if (self.name is None) == (self.model_cfg is None):
+            raise ValueError(f"clip needs exactly one of 'name' or 'model_cfg', got name={self.name!r} and "
+                             f"model_cfg={'set' if self.model_cfg is not None else None}")
+        if self.context_length < 24:
+            raise ValueError(f"clip.context_length must be at least 24 (QaTa captions need 22), got {self.context_length}")
+        self.vit_feature_blocks = tuple(self.vit_feature_blocks)
+
+
+@dataclass
+class DecoderConfig:
+    """Cross-modal decoder: fuses the three levels at stride 16 and conditions them on the prompt."""
+
+    dim: int = 256  # channels of every level after projection, and of the fused map
+    sentence_gate: bool = True  # gate the stride-32 level by the sentence vector before fusion (CRIS)
+    num_layers: int = 1  # transformer layers with cross-attention to the word tokens; 0 switches them off
+    num_heads: int = 8  # attention heads in those layers
+    ffn_dim: int = 1024  # feed-forward width in those layers
+    dropout: float = 0.1  # dropout in those layers
+
+
+@dataclass
+class ProjectorConfig:
+    """Text-to-pixel projector: a per-sample dynamic kernel from the sentence, applied to the visual map."""
+
+    stride: int = 4  # output stride of the logits before bilinear upsampling to the input; 4 or 8
+    kernel_size: int = 3  # size of the dynamic kernel
+
+    def __post_init__(self) -> None:
+        if self.stride not in (4, 8):
+            raise ValueError(f"projector.stride must be 4 or 8, got {self.stride}")
+        if self.kernel_size % 2 == 0:
+            raise ValueError(f"projector.kernel_size must be odd, got {self.kernel_size}")
+
+
+@dataclass
+class CausalConfig:
+    """Causal intervention module: per-level soft masks split features into causal and confounding parts."""
+
+    enabled: bool = True  # off: no masks, no confounder branch (the ablation)
+    hidden: int = 64  # channels inside each mask generator
+
+
+@dataclass
+class CausalCLIPSegConfig:
+    """Whole-model configuration."""
+
+    clip: ClipConfig
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    projector: ProjectorConfig = field(default_factory=ProjectorConfig)
+    causal: CausalConfig = field(default_factory=CausalConfig)
+    image_size: int = 224  # training and default inference size; any multiple of 32 runs
+
+    def __post_init__(self) -> None:
+        if self.image_size % 32:
+            raise ValueError(f"image_size must be divisible by 32, got {self.image_size}")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CausalCLIPSegConfig:
+        """Build from a parsed JSON config, rejecting unknown keys by name.
+
+        Raises:
+            ValueError: on an unknown key or a missing ``clip`` section.
+        """
+        sections = {"clip": ClipConfig, "decoder": DecoderConfig, "projector": ProjectorConfig,
+                    "causal": CausalConfig}
+        _check_keys("model config", data, set(sections) | {"image_size"})
+        if "clip" not in data:
+            raise ValueError("model config needs a 'clip' section")
+        kwargs: dict[str, Any] = {}
+        for key, section_cls in sections.items():
+            if key in data:
+                _check_keys(key, data[key], {f.name for f in fields(section_cls)})
+                kwargs[key] = section_cls(**data[key])
+        if "image_size" in data:
+            kwargs["image_size"] = data["image_size"]
+        return cls(**kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict that :meth:`from_dict` reads back."""
+        return asdict(self)
+
+
+def _check_keys(where: str, data: dict[str, Any], allowed: set[str]) -> None:
+    unknown = sorted(set(data) - allowed)
+    if unknown:
+        raise ValueError(f"unknown key(s) {unknown} in {where}; allowed: {sorted(allowed)}")

@@ -1,0 +1,37 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+version = {}
+exec(Path("causalclipseg/version.py").read_text(), version)
+
+setup(
+    name="causalclipseg",
+    version=version["__version__"],
+    description="Text-prompted lesion segmentation (CausalCLIPSeg) on open_clip encoders, with MONAI tooling",
+    long_description=Path("README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["causalclipseg", "causalclipseg.*"]),
+    package_data={"causalclipseg": ["model_configs/*.json", "weights/*"]},
+    install_requires=[
+        "torch>=2.2",
+        "torchvision",
+        "open_clip_torch>=2.26",
+        "monai>=1.4",
+        "pytorch-ignite>=0.4.11",
+        "nibabel>=5",
+        "pydicom>=2.4",
+        "numpy",
+        "pillow",
+        "openpyxl",
+        "tqdm",
+        "tensorboard",
+        "safetensors",
+    ],
+    extras_require={
+        "test": ["pytest>=7", "fvcore", "jsonschema", "ruff"],
+    },
+    entry_points={"console_scripts": ["causalclipseg=causalclipseg.cli:main"]},
+)
