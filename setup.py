@@ -23,6 +23,7 @@ setup(
         "pytorch-ignite>=0.4.11",
         "nibabel>=5",
         "pydicom>=2.4",
+        "pynrrd",
         "numpy",
         "pillow",
         "openpyxl",

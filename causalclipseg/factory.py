@@ -30,7 +30,7 @@ _CONFIG_DIR = Path(__file__).parent / "model_configs"
 _CONFIGS: dict[str, dict[str, Any]] = {}
 
 DEFAULT_MODEL = "tiny"  # the variant we train and ship
-DEFAULT_CHECKPOINT = Path(__file__).parent / "weights" / "causalclipseg_tiny_qata.safetensors"
+DEFAULT_CHECKPOINT = Path(__file__).parent / "weights" / "causalclipseg_tiny_qata.pt"
 
 
 def add_model_config(path: str | os.PathLike) -> None:

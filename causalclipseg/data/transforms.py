@@ -33,14 +33,18 @@ from monai.transforms import (
     EnsureTyped,
     LoadImaged,
     MapTransform,
+    NormalizeIntensity,
     NormalizeIntensityd,
     RandAdjustContrastd,
     RandAffined,
     RandFlipd,
     RandScaleIntensityd,
     RandShiftIntensityd,
+    RepeatChannel,
     RepeatChanneld,
+    Resize,
     Resized,
+    ScaleIntensity,
     ScaleIntensityd,
     Transform,
 )
@@ -61,6 +65,7 @@ __all__ = [
     "TokenizeText",
     "TokenizeTextd",
     "get_inference_transforms",
+    "get_slice_preprocessing",
     "get_load_transforms",
     "get_train_transforms",
     "get_val_transforms",
@@ -308,6 +313,23 @@ def _finish_transforms(keys: Sequence[str], context_length: int, allow_empty: bo
         TokenizeTextd("prompt", output_key="text", context_length=context_length, allow_empty=allow_empty),
         EnsureTyped(tuple(keys), dtype=torch.float32),
     ]
+
+
+def get_slice_preprocessing(image_size: int = 224) -> Compose:
+    """Array transforms taking one raw grayscale slice ``(1, X, Y)`` to the model input ``(3, S, S)``.
+
+    The same steps, with the same settings, as the dictionary pipeline (:func:`get_load_transforms` after
+    reading, then the tail of the training and evaluation transforms): min-max to [0, 1], anti-aliased
+    bilinear resize to ``S x S``, 3 channels, CLIP normalisation. The slice-wise inference network
+    (:class:`causalclipseg.engine.inference.SliceSegmenter`) applies it to every slice of a volume.
+    """
+    _check_size("image_size", image_size, 1)
+    return Compose([
+        ScaleIntensity(minv=0.0, maxv=1.0),
+        Resize(spatial_size=(image_size, image_size), mode="bilinear", anti_aliasing=True),
+        RepeatChannel(repeats=3),
+        NormalizeIntensity(subtrahend=OPENAI_DATASET_MEAN, divisor=OPENAI_DATASET_STD, channel_wise=True),
+    ])
 
 
 def get_train_transforms(image_size: int = 224, context_length: int = 32, augment: bool = True) -> Compose:

@@ -1,9 +1,10 @@
-"""Prompted prediction on image files: load the model once, then segment file after file.
+"""Prompted prediction on files: 2-D images and 3-D volumes, slice by slice, on the input's grid.
 
-The walk from file to mask: :func:`~causalclipseg.data.transforms.get_inference_transforms` (read, grayscale,
-[0, 1], resize to the model size, CLIP normalisation, tokens) -> ``CausalCLIPSeg.forward`` -> sigmoid ->
-``Invertd`` (back to the input grid) -> threshold -> writer. Outputs are written atomically and never
-replace an existing file unless asked to.
+The walk from file to mask: ``monai.transforms.LoadImage`` (PNG/JPEG/BMP/TIFF, DICOM, NIfTI, NRRD; MONAI's
+axis order, x first) -> :class:`SliceSegmenter` (per slice: min-max to [0, 1], resize to the model size,
+CLIP normalisation -> ``CausalCLIPSeg.forward`` with the bound prompt -> logits resized back) run by MONAI's
+``SliceInferer`` in batches of slices -> sigmoid -> threshold -> writer with the input's geometry. Outputs
+are written atomically and never replace an existing file unless asked to.
 """
 
 from __future__ import annotations
@@ -16,21 +17,25 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import torch
-from monai.data import MetaTensor, NibabelWriter
-from monai.transforms import Invertd
+import torch.nn.functional as F
+from monai.data import NibabelWriter
+from monai.inferers import SliceInferer
+from monai.transforms import LoadImage
 from PIL import Image
+from torch import nn
 
-from ..data.transforms import get_inference_transforms
+from ..data.transforms import Grayscale2D, get_slice_preprocessing
 from ..factory import DEFAULT_CHECKPOINT, DEFAULT_MODEL, create_model
+from ..model.causalclipseg import CausalCLIPSeg
 from .checkpoint import atomic_write
 from .training import resolve_device
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Prediction", "Predictor", "IMAGE_SUFFIXES", "find_images", "load_trained_model"]
+__all__ = ["SliceSegmenter", "Prediction", "Predictor", "IMAGE_SUFFIXES", "find_images", "load_trained_model"]
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".nii", ".nii.gz")
-_NIFTI = (".nii", ".nii.gz")
+PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+IMAGE_SUFFIXES = PICTURE_SUFFIXES + (".dcm", ".nii", ".nii.gz", ".nrrd")
 
 
 def _suffix(path: Path) -> str:
@@ -64,7 +69,7 @@ def find_images(inputs: list[str | os.PathLike]) -> list[Path]:
 
 
 def load_trained_model(model: str = DEFAULT_MODEL, checkpoint: str | os.PathLike | None = None,
-                       pretrained: str | None = None, device: str = "auto") -> torch.nn.Module:
+                       pretrained: str | None = None, device: str = "auto") -> CausalCLIPSeg:
     """A model ready for inference on ``device``: ``checkpoint=None`` means the weights shipped for the default
     variant (other variants have none: pass a checkpoint, or ``pretrained`` CLIP weights for a smoke run).
 
@@ -79,74 +84,115 @@ def load_trained_model(model: str = DEFAULT_MODEL, checkpoint: str | os.PathLike
     return create_model(model, pretrained=pretrained, checkpoint=checkpoint).to(resolve_device(device)).eval()
 
 
+class SliceSegmenter(nn.Module):
+    """The model with its prompt bound and its preprocessing inside: raw slices in, logits on their grid out.
+
+    MONAI inferers call ``network(x)`` with one argument (``SliceInferer`` drops extra ones), so the prompt's
+    tokens are bound here. Each slice is preprocessed by
+    :func:`~causalclipseg.data.transforms.get_slice_preprocessing`, as in training.
+
+    Args:
+        model: a CausalCLIPSeg.
+        prompt: the text; validated and tokenised once.
+    """
+
+    def __init__(self, model: CausalCLIPSeg, prompt: str) -> None:
+        super().__init__()
+        self.model = model
+        self.register_buffer("tokens", model.tokenize(prompt), persistent=False)  # (1, L)
+        self.preprocess = get_slice_preprocessing(model.config.image_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (N, 1, X, Y) raw intensities -> logits (N, 1, X, Y)."""
+        x = x.as_subclass(torch.Tensor)
+        batch = torch.stack([self.preprocess(s.float().cpu()).as_subclass(torch.Tensor) for s in x])  # (N, 3, S, S)
+        logits = self.model(batch.to(self.tokens.device), self.tokens)
+        return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False).to(x.device)
+
+
 @dataclass
 class Prediction:
-    """A prediction on the input's grid."""
+    """A prediction on the input's grid (MONAI axis order: x = image columns first)."""
 
     source: Path  # the input file
-    probability: np.ndarray  # (X, Y) float32 lesion probability, MONAI axis order (x = image columns)
-    mask: np.ndarray  # (X, Y) uint8 in {0, 1}
-    image: np.ndarray  # (X, Y) float32 input in [0, 1], for overlays
+    probability: np.ndarray  # (X, Y) or (X, Y, Z) float32 lesion probability
+    mask: np.ndarray  # same shape, uint8 in {0, 1}
+    image: np.ndarray  # same shape, float32 input scaled to [0, 1], for overlays
     meta: dict  # MONAI metadata of the loaded input (affine, spatial_shape, ...)
 
 
 class Predictor:
-    """Loads a model once and segments image files with a prompt.
+    """Loads a model once and segments files with a prompt.
 
     Args:
         model: variant name.
-        checkpoint: CausalCLIPSeg weights; ``None`` uses the weights shipped with the package for the
-            default variant (and is an error for other variants).
+        checkpoint: CausalCLIPSeg weights; ``None`` uses the weights shipped for the default variant.
         pretrained: CLIP weights (only useful without a checkpoint).
         device: ``auto`` (CUDA when present), ``cpu`` or ``cuda[:N]``.
-        threshold: probability above which a pixel is lesion.
+        threshold: probability above which a voxel is lesion.
+        batch_size: slices per forward pass for volumes.
 
     Raises:
-        ValueError: for an unknown model, a bad device or threshold, or missing default weights.
+        ValueError: for an unknown model, a bad device, threshold or batch size, or missing default weights.
     """
 
     def __init__(self, model: str = DEFAULT_MODEL, checkpoint: str | os.PathLike | None = None,
-                 pretrained: str | None = None, device: str = "auto", threshold: float = 0.5) -> None:
+                 pretrained: str | None = None, device: str = "auto", threshold: float = 0.5,
+                 batch_size: int = 8) -> None:
         if not 0.0 < threshold < 1.0:
             raise ValueError(f"threshold must be in (0, 1), got {threshold}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.model = load_trained_model(model, checkpoint, pretrained, device)
-        self.device = next(self.model.parameters()).device
-        cfg = self.model.config
-        self.transforms = get_inference_transforms(cfg.image_size, cfg.clip.context_length)
-        self.invert = Invertd(keys="pred", transform=self.transforms, orig_keys="image", nearest_interp=False)
         self.threshold = threshold
+        self.batch_size = batch_size
+        self.loader = LoadImage(image_only=True, ensure_channel_first=True)
+
+    def _load(self, path: Path) -> torch.Tensor:
+        """(1, X, Y) for 2-D inputs (colour merged), (1, X, Y, Z) for volumes."""
+        try:
+            image = self.loader(str(path))
+        except Exception as err:  # noqa: BLE001 - readers raise many types; all mean "unreadable"
+            reason = (str(err).strip().splitlines() or [type(err).__name__])[-1]
+            raise ValueError(f"cannot read {path}: {reason}") from err
+        spatial = [s for s in image.shape[1:]]
+        while len(spatial) > 2 and spatial[-1] == 1:
+            spatial.pop()
+        if len(spatial) == 2:
+            return Grayscale2D()(image.reshape(image.shape[0], *spatial))
+        if len(spatial) == 3 and image.shape[0] == 1:
+            return image.reshape(1, *spatial)
+        raise ValueError(f"cannot segment {path}: expected a 2-D image or a single-channel 3-D volume, got "
+                         f"{image.shape[0]} channel(s) of shape {tuple(image.shape[1:])}")
 
     @torch.no_grad()
     def predict(self, path: str | os.PathLike, prompt: str) -> Prediction:
-        """Segment one 2-D image file (PNG/JPEG/BMP/TIFF, DICOM, or single-slice NIfTI).
+        """Segment one file: a 2-D image, or a 3-D volume slice by slice along its last axis.
 
         Raises:
-            ValueError: if the prompt is empty or the file cannot be read as a 2-D image.
+            ValueError: if the prompt is empty or the file cannot be read or segmented.
         """
         path = Path(path)
-        self.model.tokenize(prompt)  # validates the prompt before any file work
-        try:
-            data = self.transforms({"image": str(path), "prompt": prompt})
-        except Exception as err:  # noqa: BLE001 - readers raise many types; all mean "unreadable"
-            cause = err.__cause__ or err  # MONAI wraps the reader's error in a transform-application error
-            reason = str(cause).strip().splitlines()[-1] if str(cause).strip() else type(cause).__name__
-            raise ValueError(f"cannot read {path} as a 2-D image: {reason}") from err
-        image = data["image"]
+        segmenter = SliceSegmenter(self.model, prompt)  # validates the prompt before any file work
+        image = self._load(path)
         if not torch.isfinite(image).all():
             raise ValueError(f"cannot segment {path}: it contains NaN or infinite pixel values")
-        logits = self.model(image[None].to(self.device), data["text"][None].to(self.device))
-        data["pred"] = MetaTensor(torch.sigmoid(logits[0]).float().cpu(), meta=image.meta,
-                                  applied_operations=image.applied_operations)
-        probability = self.invert(data)["pred"][0].numpy()  # (X, Y) on the input grid
-        raw = self.transforms.transforms[0]({"image": str(path)})["image"]  # the reader alone, for the overlay
-        gray = np.asarray(raw, dtype=np.float32).reshape(probability.shape + (-1,)).mean(axis=-1)
+        if image.ndim == 3:  # (1, X, Y): one slice
+            logits = segmenter(image[None])[0]
+        else:  # (1, X, Y, Z): slices along z, in batches
+            inferer = SliceInferer(roi_size=tuple(image.shape[1:3]), sw_batch_size=self.batch_size, spatial_dim=2,
+                                   progress=image.shape[-1] > self.batch_size)
+            logits = inferer(image[None], segmenter)[0]
+        probability = torch.sigmoid(logits[0].as_subclass(torch.Tensor)).numpy().astype(np.float32)
+        gray = image[0].as_subclass(torch.Tensor).numpy().astype(np.float32)
         gray = (gray - gray.min()) / max(float(gray.max() - gray.min()), 1e-8)
-        return Prediction(path, probability.astype(np.float32), (probability > self.threshold).astype(np.uint8),
-                          gray, dict(image.meta))
+        return Prediction(path, probability, (probability > self.threshold).astype(np.uint8), gray, dict(image.meta))
 
     def write(self, prediction: Prediction, output_dir: str | os.PathLike, overwrite: bool = False) -> list[Path]:
-        """Write the mask (PNG 0/255 for picture inputs, NIfTI 0/1 on the input geometry for DICOM/NIfTI) and an
-        overlay PNG into ``output_dir``, named after the input.
+        """Write the mask into ``output_dir``, named after the input, and an overlay PNG for 2-D inputs.
+
+        Pictures get a PNG mask (0/255); DICOM, NIfTI and NRRD inputs a NIfTI mask (0/1) on the input's
+        geometry (NIfTI inputs keep their own header and affine).
 
         Raises:
             FileExistsError: if an output exists and ``overwrite`` is false.
@@ -154,29 +200,29 @@ class Predictor:
         out = Path(output_dir)
         out.mkdir(parents=True, exist_ok=True)
         src = prediction.source
-        volume_like = _suffix(src) in _NIFTI or _suffix(src) == ".dcm"
-        mask_path = out / f"{_stem(src)}_mask{'.nii.gz' if volume_like else '.png'}"
-        overlay_path = out / f"{_stem(src)}_overlay.png"
-        for target in (mask_path, overlay_path):
+        picture = _suffix(src) in PICTURE_SUFFIXES
+        mask_path = out / f"{_stem(src)}_mask{'.png' if picture else '.nii.gz'}"
+        targets = [mask_path] + ([out / f"{_stem(src)}_overlay.png"] if prediction.mask.ndim == 2 else [])
+        for target in targets:
             if target.exists() and not overwrite:
                 raise FileExistsError(f"output {target} exists; pass --overwrite to replace it")
-        if _suffix(src) in _NIFTI:
-            original = nib.load(str(src))  # same affine and header as the input, same shape as its data
-            mask = prediction.mask.reshape(original.shape)
-            image = nib.Nifti1Image(mask, original.affine, original.header)
+        if picture:
+            mask_img = Image.fromarray((prediction.mask.T * 255).astype(np.uint8))  # (X, Y) -> rows x columns
+            atomic_write(mask_path, lambda tmp: mask_img.save(tmp, format="PNG"))
+        elif _suffix(src) in (".nii", ".nii.gz"):
+            original = nib.load(str(src))
+            image = nib.Nifti1Image(prediction.mask.reshape(original.shape), original.affine, original.header)
             image.set_data_dtype(np.uint8)
             atomic_write(mask_path, lambda tmp: nib.save(image, tmp))
-        elif volume_like:
+        else:
             writer = NibabelWriter(output_dtype=np.uint8)
             writer.set_data_array(prediction.mask[None], channel_dim=0)
             writer.set_metadata(prediction.meta, resample=False)
             atomic_write(mask_path, lambda tmp: writer.write(tmp, verbose=False))
-        else:
-            mask_img = Image.fromarray((prediction.mask.T * 255).astype(np.uint8))  # (X, Y) -> rows x columns
-            atomic_write(mask_path, lambda tmp: mask_img.save(tmp, format="PNG"))
-        overlay = _overlay(prediction.image.T, prediction.mask.T)
-        atomic_write(overlay_path, lambda tmp: overlay.save(tmp, format="PNG"))
-        return [mask_path, overlay_path]
+        if len(targets) == 2:
+            overlay = _overlay(prediction.image.T, prediction.mask.T)
+            atomic_write(targets[1], lambda tmp: overlay.save(tmp, format="PNG"))
+        return targets
 
 
 def _overlay(gray: np.ndarray, mask: np.ndarray, alpha: float = 0.45) -> Image.Image:
