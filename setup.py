@@ -32,7 +32,7 @@ setup(
         "safetensors",
     ],
     extras_require={
-        "test": ["pytest>=7", "fvcore", "jsonschema", "ruff"],
+        "test": ["pytest>=7", "fvcore", "jsonschema", "fire", "ruff"],
     },
     entry_points={"console_scripts": ["causalclipseg=causalclipseg.cli:main"]},
 )

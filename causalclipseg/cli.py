@@ -77,7 +77,7 @@ def predict_main(argv: Sequence[str] | None = None) -> int:
             failures += 1
             print(f"error: {err}", file=sys.stderr)
             continue
-        print(f"{path} -> {written[0]}, {written[1]}")
+        print(f"{path} -> {', '.join(map(str, written))}")
     return 2 if failures else 0
 
 
@@ -193,9 +193,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in VERBS:
         usage = "\n".join(f"  {verb:<12} {text}" for verb, (_, text) in VERBS.items())
+        wants_help = bool(argv) and argv[0] in ("-h", "--help")
         print(f"usage: causalclipseg <verb> [options]   (causalclipseg <verb> --help)\n\nverbs:\n{usage}",
-              file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
+              file=sys.stdout if wants_help else sys.stderr)
+        return 0 if wants_help else 2
     return VERBS[argv[0]][0](argv[1:])
 
 

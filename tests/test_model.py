@@ -112,7 +112,7 @@ def test_every_parameter_receives_a_gradient(tmp_path, variant):
     before = copy.deepcopy(model.state_dict())
     # open_clip zero-initialises the last BN of each residual branch, so the branch convs get their first
     # gradient on the second step: check connectivity (grad is not None) on step 1 and values on step 2
-    for step in range(2):
+    for _ in range(2):
         optimizer.zero_grad()
         loss_fn(model.forward_aux(image, text, reversal=0.5), label).total.backward()
         unconnected = [n for n, p in model.named_parameters() if p.grad is None]

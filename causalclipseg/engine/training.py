@@ -7,8 +7,10 @@ over training progress ``p``, so the confounder head learns before the trunk sta
 
 Resume: the whole state (model, optimiser, scheduler, AMP scaler, ignite trainer state, RNG states,
 best score) is written atomically every ``checkpoint_every`` iterations and at every epoch end. ignite's
-``DeterministicEngine`` reseeds the data order per epoch and fast-forwards to the saved iteration, so
-an interrupted run continues with the same batches it would have seen.
+``DeterministicEngine`` reseeds the data order per epoch and fast-forwards to the saved iteration, and the
+augmentation is seeded per (epoch, sample). A run resumed from an epoch-end checkpoint ends bit-identical
+to an uninterrupted one (tested); from a mid-epoch checkpoint it sees the same batches but not the same
+dropout draws, so it is close but not bit-identical.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import torch
 from ignite.engine import Engine, Events
 from ignite.engine.deterministic import DeterministicEngine
 from ignite.handlers import Checkpoint, DiskSaver, ProgressBar
-from monai.data import CacheDataset, DataLoader, Dataset
+from monai.data import CacheDataset, DataLoader
 from torch.utils.tensorboard import SummaryWriter
 
 from ..data.readers import read_dataset
@@ -145,6 +147,25 @@ def _param_groups(model: torch.nn.Module, lr: float, encoder_scale: float, weigh
             {"params": rest, "lr": lr, "weight_decay": weight_decay}]
 
 
+class _SeededCacheDataset(CacheDataset):
+    """CacheDataset whose random transforms are seeded per (seed, epoch, sample).
+
+    MONAI's random transforms keep their own generators, which ignite's per-epoch reseeding does not reach,
+    and a run resumed mid-epoch skips the samples already seen without drawing their augmentations. Seeding
+    each sample from its index makes the augmentation of every (epoch, sample) independent of what came
+    before it, so an interrupted and resumed run trains on exactly the same data as an uninterrupted one.
+    """
+
+    def __init__(self, *args: Any, seed: int = 0, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.seed = seed
+        self.epoch = 0  # set by the trainer at every epoch start
+
+    def _transform(self, index: int) -> Any:
+        self.transform.set_random_state(seed=(self.seed * 1_000_003 + self.epoch * 100_003 + index) % 2**32)
+        return super()._transform(index)
+
+
 def _loaders(cfg: TrainConfig, context_length: int, image_size: int) -> tuple[DataLoader, DataLoader]:
     train_records = read_dataset(cfg.data, cfg.train_split)[: cfg.max_train]
     val_records = read_dataset(cfg.data, cfg.val_split)[: cfg.max_val]
@@ -154,10 +175,9 @@ def _loaders(cfg: TrainConfig, context_length: int, image_size: int) -> tuple[Da
     train_tf = get_train_transforms(image_size, context_length, augment=cfg.augment)
     val_tf = get_val_transforms(image_size, context_length)
 
-    def dataset(records: list[dict], transform) -> Dataset:
-        if cfg.cache:
-            return CacheDataset(records, transform, num_workers=None, progress=cfg.progress)
-        return Dataset(records, transform)
+    def dataset(records: list[dict], transform) -> _SeededCacheDataset:
+        return _SeededCacheDataset(records, transform, seed=cfg.seed, cache_rate=1.0 if cfg.cache else 0.0,
+                                   num_workers=None, progress=cfg.progress)
 
     train_loader = DataLoader(dataset(train_records, train_tf), batch_size=cfg.batch_size, shuffle=True,
                               drop_last=len(train_records) > cfg.batch_size, num_workers=cfg.num_workers)
@@ -186,7 +206,8 @@ class _TrainStep:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
-        mask_mean = float(torch.stack([m.detach().float().mean() for m in output.masks]).mean()) if output.masks else 1.0
+        masks = output.masks
+        mask_mean = float(torch.stack([m.detach().float().mean() for m in masks]).mean()) if masks else 1.0
         return {"loss": float(terms.total.detach()), "seg": float(terms.segmentation),
                 "conf": float(terms.confounder), "mask_mean": mask_mean, "reversal": reversal}
 
@@ -223,7 +244,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     def lr_factor(it: int) -> float:
         if it < cfg.warmup_iterations:
             return (it + 1) / cfg.warmup_iterations
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (it - cfg.warmup_iterations) / max(1, total - cfg.warmup_iterations))))
+        progress = (it - cfg.warmup_iterations) / max(1, total - cfg.warmup_iterations)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     scaler = torch.amp.GradScaler(device.type, enabled=amp)
@@ -234,10 +256,15 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     to_save = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler,
                "trainer": _TrainerState(trainer), "best": best}
     saver = Checkpoint(to_save, DiskSaver(out / "checkpoints", require_empty=False), filename_prefix="last",
-                       n_saved=1, global_step_transform=lambda e, _: e.state.iteration)
+                       n_saved=1, global_step_transform=lambda e, _: e.state.iteration,
+                       include_self=True)  # its own state too, so a resumed run deletes the superseded file
     trainer.add_event_handler(Events.ITERATION_COMPLETED(every=cfg.checkpoint_every) | Events.EPOCH_COMPLETED, saver)
 
     writer = SummaryWriter(str(out / "tensorboard"))
+
+    @trainer.on(Events.GET_BATCH_STARTED)  # not EPOCH_STARTED: a run resumed mid-epoch does not fire it
+    def _seed_augmentation(engine: Engine) -> None:
+        train_loader.dataset.epoch = engine.state.epoch
 
     @trainer.on(Events.ITERATION_COMPLETED(every=10))
     def _log_iteration(engine: Engine) -> None:
@@ -248,7 +275,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     def _final_epoch_unvalidated(engine: Engine, _: int) -> bool:
         return engine.state.epoch == cfg.epochs and cfg.epochs % cfg.val_every != 0
 
-    @trainer.on(Events.EPOCH_COMPLETED(every=cfg.val_every) | Events.EPOCH_COMPLETED(event_filter=_final_epoch_unvalidated))
+    validation_epochs = Events.EPOCH_COMPLETED(every=cfg.val_every)
+    @trainer.on(validation_epochs | Events.EPOCH_COMPLETED(event_filter=_final_epoch_unvalidated))
     def _validate(engine: Engine) -> None:
         summary = evaluate_model(model, val_loader, device).summary()
         dice = summary.per_image.dice.value
@@ -268,7 +296,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
     last = sorted((out / "checkpoints").glob("last_*.pt"), key=lambda p: p.stat().st_mtime)
     if last:
-        Checkpoint.load_objects(to_save, torch.load(last[-1], map_location=device, weights_only=True))
+        state = torch.load(last[-1], map_location=device, weights_only=True)
+        Checkpoint.load_objects({**to_save, "checkpointer": saver}, state)
         logger.info("resumed from %s at epoch %d, iteration %d", last[-1], trainer.state.epoch,
                     trainer.state.iteration)
     trainer.run(train_loader, max_epochs=cfg.epochs)

@@ -22,7 +22,8 @@ class ClipConfig:
             raise ValueError(f"clip needs exactly one of 'name' or 'model_cfg', got name={self.name!r} and "
                              f"model_cfg={'set' if self.model_cfg is not None else None}")
         if self.context_length < 24:
-            raise ValueError(f"clip.context_length must be at least 24 (QaTa captions need 22), got {self.context_length}")
+            raise ValueError(f"clip.context_length must be at least 24 (QaTa captions need 22), "
+                             f"got {self.context_length}")
         self.vit_feature_blocks = tuple(self.vit_feature_blocks)
 
 

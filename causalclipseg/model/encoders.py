@@ -6,6 +6,7 @@ open_clip land in them unchanged.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -20,7 +21,7 @@ __all__ = ["TextFeatures", "ResNetImageEncoder", "ViTImageEncoder", "TextEncoder
 def _resize_grid_embedding(pos: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     """Resize a (1 + g*g, C) position embedding (class token first) to (1 + h*w, C), bicubic."""
     n, c = pos.shape
-    side = int(round((n - 1) ** 0.5))
+    side = math.isqrt(int(n) - 1)  # int(): under torch.jit.trace shapes are tensors
     if (side, side) == grid:
         return pos
     table = pos[1:].reshape(1, side, side, c).permute(0, 3, 1, 2)  # (1, C, g, g)

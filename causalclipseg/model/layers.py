@@ -49,7 +49,7 @@ class _GradientReversal(torch.autograd.Function):
 
 
 def grad_reverse(x: torch.Tensor, coeff: float) -> torch.Tensor:
-    """Identity in the forward pass; multiplies the gradient by ``-coeff`` in the backward pass (Ganin & Lempitsky 2015).
+    """Identity forward; multiplies the gradient by ``-coeff`` backward (Ganin & Lempitsky 2015).
 
     Raises:
         ValueError: if ``coeff`` is negative.

@@ -1,0 +1,529 @@
+"""The Python the MONAI bundle (``bundle/``) needs; its configs stay thin and point here.
+
+The walk of ``bundle/configs/inference.json``: :func:`list_inputs` (a file, a folder, a DICOM series or a
+datalist) -> :class:`LoadSegmentableImaged` (2-D ``(1, X, Y)`` or a volume ``(1, X, Y, Z)``, no
+resampling) -> :class:`SliceWiseInferer` (slices in batches through MONAI's ``SliceInferer``) ->
+:class:`BundleNetwork` (per-slice preprocessing, ``CausalCLIPSeg.forward`` with the prompt's tokens, logits back
+on the slice grid) -> sigmoid, threshold -> :class:`SaveMaskd` (NIfTI on the input's grid, PNG too for 2-D).
+
+The prompt comes from the config, the command line (:func:`resolve_prompt` undoes what python-fire does to
+``"left, right"``) or a file. Training (``train.json``) reuses the package's transforms, loss and
+gradient-reversal schedule through :class:`TrainingNetwork`, :class:`StackedCausalSegLoss` and
+:class:`ReversalSchedule`; evaluation (``evaluate.json``) reports both metric protocols with
+:class:`SegmentationScoresHandler`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import warnings
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from ignite.engine import Engine, Events
+from monai.data import MetaTensor
+from monai.inferers import Inferer, SliceInferer
+from monai.transforms import LoadImage, MapTransform, SaveImage
+from monai.utils import ImageMetaKey
+from torch import nn
+
+from .data.transforms import Grayscale2D, get_slice_preprocessing
+from .engine.inference import IMAGE_SUFFIXES, find_images
+from .engine.training import _param_groups, reversal_coefficient
+from .factory import DEFAULT_MODEL, create_model
+from .losses import CausalSegLoss
+from .metrics import SegmentationScores
+from .model.causalclipseg import CausalCLIPSegOutput
+from .tokenizer import validate_prompt
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["BundleNetwork", "ExportNetwork", "LoadSegmentableImaged", "ReversalSchedule", "SaveMaskd",
+           "SegmentationScoresHandler", "SliceWiseInferer", "StackedCausalSegLoss", "TrainingNetwork", "list_inputs",
+           "optimizer_param_groups", "resolve_prompt"]
+
+_DATALIST_KEYS = ("testing", "test", "validation", "training")
+
+
+# ----------------------------------------------------------------------------------------------------- prompts
+def _raw_cli_value(key: str, argv: Sequence[str]) -> str | None:
+    """The text after the last ``--key`` (or ``--key=...``) in ``argv``, exactly as the shell passed it."""
+    value = None
+    for i, arg in enumerate(argv):
+        if arg == f"--{key}" and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif arg.startswith(f"--{key}="):
+            value = arg.split("=", 1)[1]
+    return value
+
+
+def resolve_prompt(prompt: object = None, prompt_file: str | os.PathLike | None = None, key: str = "prompt",
+                   argv: Sequence[str] | None = None) -> str:
+    """The prompt text, from a file or from the config / command line, intact.
+
+    ``python -m monai.bundle run ... --prompt "left, right"`` reaches the config as the tuple ``('left', 'right')``
+    and ``--prompt 2`` as the int ``2``: python-fire parses every argument as a Python literal. When the value is
+    not a string, the text is taken verbatim from the command line (``sys.argv``); without one there, a sequence
+    is joined with ``", "``. A prompt file (UTF-8, stripped) wins over ``prompt`` and is safe for any text,
+    including strings that start with ``$``, ``@`` or ``%`` (which MONAI's config parser would evaluate).
+
+    Args:
+        prompt: the config's ``prompt`` value.
+        prompt_file: a UTF-8 text file holding the prompt; ``None`` or ``""`` for none.
+        key: the config key the prompt was given under on the command line.
+        argv: the command line; ``sys.argv`` by default.
+
+    Raises:
+        ValueError: if the file cannot be read, or the prompt is empty.
+    """
+    if prompt_file:
+        try:
+            text = Path(prompt_file).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as err:
+            raise ValueError(f"cannot read prompt_file {prompt_file}: {err}") from err
+        where = f"prompt_file {prompt_file}"
+    else:
+        text = prompt
+        if not isinstance(prompt, str):
+            raw = _raw_cli_value(key, sys.argv if argv is None else argv)
+            if raw is not None:
+                text = raw
+            elif isinstance(prompt, (tuple, list)):
+                text = ", ".join(str(part) for part in prompt)
+            elif prompt is not None:
+                text = str(prompt)
+        where = key
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError(f"{where} must contain text, got {text!r}: set --{key} 'your prompt' or --{key}_file FILE")
+    logger.info("prompt: %r", text)
+    return validate_prompt(text)
+
+
+# ------------------------------------------------------------------------------------------------------ inputs
+def _dicom_series_uid(files: list[Path]) -> str | None:
+    """The SeriesInstanceUID shared by all ``files`` if they are 2+ DICOM slices of one series, else ``None``."""
+    import pydicom
+
+    if len(files) < 2:
+        return None
+    uids = set()
+    for file in files:
+        try:
+            ds = pydicom.dcmread(file, stop_before_pixels=True, specific_tags=["SeriesInstanceUID"])
+        except Exception:  # noqa: BLE001 - pydicom raises many types; all mean "not a DICOM file"
+            return None
+        uids.add(str(getattr(ds, "SeriesInstanceUID", "")))
+    return uids.pop() if len(uids) == 1 and "" not in uids else None
+
+
+def _read_inference_datalist(path: Path) -> list[Path]:
+    """Image paths of a datalist JSON: a list, or the first of ``testing``/``test``/``validation``/``training``."""
+    try:
+        content = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"cannot read datalist {path}: {err}") from err
+    if isinstance(content, dict):
+        key = next((k for k in _DATALIST_KEYS if k in content), None)
+        if key is None:
+            raise ValueError(f"datalist {path} has none of the keys {list(_DATALIST_KEYS)} (keys: {sorted(content)})")
+        content = content[key]
+    if not isinstance(content, list) or not content:
+        raise ValueError(f"datalist {path} must hold a non-empty list of images, got {type(content).__name__}")
+    images = []
+    for i, entry in enumerate(content):
+        image = entry.get("image") if isinstance(entry, dict) else entry
+        if not isinstance(image, str) or not image:
+            raise ValueError(f"datalist {path} entry {i} has no 'image' path: {entry!r:.120}")
+        images.append(path.parent / image)
+    return images
+
+
+def list_inputs(inputs: str | os.PathLike | Sequence[str | os.PathLike]) -> list[dict[str, str]]:
+    """Records ``{"image": path}`` to segment, one per image or volume.
+
+    Each input may be an image file (PNG/JPEG/BMP/TIFF, DICOM, NIfTI, NRRD), a datalist JSON (a list of paths or
+    ``{"image": ...}`` entries, or such a list under ``testing``), a folder holding one DICOM series (2+ ``.dcm``
+    files with one SeriesInstanceUID: one volume), or a folder of image files (each one input).
+
+    Raises:
+        FileNotFoundError: if an input, or a file named by a datalist, does not exist.
+        ValueError: for an empty folder or an unusable datalist.
+    """
+    items = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
+    if not items:
+        raise ValueError("input must name at least one file or folder, got an empty list")
+    records: list[str] = []
+    for item in map(Path, items):
+        if item.is_file() and item.suffix.lower() == ".json":
+            paths = _read_inference_datalist(item)
+            missing = [str(p) for p in paths if not p.exists()]
+            if missing:
+                raise FileNotFoundError(f"datalist {item} names missing files: {', '.join(missing[:3])}")
+            records += [str(p) for p in paths]
+        elif item.is_dir():
+            dicoms = sorted(p for p in item.iterdir() if p.is_file() and p.suffix.lower() == ".dcm")
+            if dicoms and _dicom_series_uid(dicoms) is not None:
+                records.append(str(item))
+            else:
+                records += [str(p) for p in find_images([item])]
+        elif item.exists():
+            records.append(str(item))
+        else:
+            raise FileNotFoundError(f"input not found: {item} (expected an image file, a folder or a datalist JSON; "
+                                    f"images: {', '.join(IMAGE_SUFFIXES)})")
+    return [{"image": r} for r in records]
+
+
+class LoadSegmentableImaged(MapTransform):
+    """Read an image file or DICOM series into what the slice-wise network takes, on its own grid (no resampling).
+
+    MONAI's ``LoadImage`` reads it (PNG/JPEG/BMP/TIFF, DICOM file or series folder, NIfTI, NRRD) channel first with
+    its metadata (affine, file name); 2-D inputs (and volumes with one slice) become grayscale ``(1, X, Y)``
+    (colour merged, alpha dropped, as in training); volumes stay ``(1, X, Y, Z)``, segmented slice by slice along Z.
+
+    Raises:
+        ValueError: for an unreadable file, a multi-channel volume or non-finite pixel values, naming the file.
+    """
+
+    def __init__(self, keys: str | Sequence[str] = "image", allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.loader = LoadImage(image_only=True, ensure_channel_first=True)
+        self.grayscale = Grayscale2D("mean")
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            source = d[key]
+            try:
+                img = self.loader(source)
+            except Exception as err:  # noqa: BLE001 - readers raise many types; all mean "unreadable"
+                reason = (str(err.__cause__ or err).strip().splitlines() or [type(err).__name__])[-1]
+                raise ValueError(f"cannot read {source}: {reason}") from err
+            spatial = [s for s in img.shape[1:]]
+            while len(spatial) > 2 and spatial[-1] == 1:
+                spatial.pop()
+            if len(spatial) == 2:
+                img = self.grayscale(img)
+            elif len(spatial) == 3 and img.shape[0] == 1:
+                img = img.reshape(1, *spatial).float()
+            else:
+                raise ValueError(f"cannot segment {source}: expected a 2-D image or a single-channel 3-D volume, got "
+                                 f"{img.shape[0]} channel(s) of shape {tuple(img.shape[1:])}")
+            if not torch.isfinite(img).all():
+                raise ValueError(f"cannot segment {source}: it contains NaN or infinite pixel values")
+            d[key] = img
+        return d
+
+
+# ----------------------------------------------------------------------------------------------------- network
+def _strip_model_prefix(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    """state_dict post-hook: ``<prefix>model.<key>`` -> ``<prefix><key>`` (CausalCLIPSeg's own keys)."""
+    for key in [k for k in state_dict if k.startswith(prefix + "model.")]:
+        state_dict[prefix + key[len(prefix) + len("model."):]] = state_dict.pop(key)
+
+
+def _add_prefix(state_dict: dict, prefix: str, name: str) -> None:
+    """``<prefix><key>`` -> ``<prefix><name><key>`` for keys that lack ``name``, in place."""
+    for key in [k for k in state_dict if k.startswith(prefix) and not k.startswith(prefix + name)]:
+        state_dict[prefix + name + key[len(prefix):]] = state_dict.pop(key)
+
+
+def _add_model_prefix(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
+    """load_state_dict pre-hook: accept CausalCLIPSeg's own keys by adding ``model.``."""
+    _add_prefix(state_dict, prefix, "model.")
+
+
+class BundleNetwork(nn.Module):
+    """The bundle's ``network_def``: raw slices and a text input in, logits on the slices' grid out.
+
+    Like :class:`~causalclipseg.engine.inference.SliceSegmenter` (each slice preprocessed as in training), with
+    the text as an optional second input, because MONAI's tools feed networks differently: inferers call
+    ``network(x)`` (the bound ``prompt`` is used), ``verify_net_in_out`` passes ``extra_forward_args`` parsed from
+    the command line (a list of token ids or a string), MONAI Label and scripts pass token tensors.
+
+    Its state dict has CausalCLIPSeg's keys (no ``model.`` prefix), so ``models/model.pt`` is the package's weight
+    file, usable by ``create_model(checkpoint=...)`` as well as by MONAI's ``CheckpointLoader``.
+
+    Args:
+        model_name: a variant from :func:`causalclipseg.list_models` (random weights; load a checkpoint after).
+        prompt: the prompt used when ``forward`` gets no text; ``None`` to require text.
+        pretrained: CLIP encoder weights (an open_clip tag or file), for training from CLIP.
+    """
+
+    def __init__(self, model_name: str = DEFAULT_MODEL, prompt: str | None = None,
+                 pretrained: str | None = None) -> None:
+        super().__init__()
+        self.model = create_model(model_name, pretrained=pretrained)
+        self.preprocess = get_slice_preprocessing(self.model.config.image_size)
+        self.context_length = self.model.config.clip.context_length
+        tokens = self.model.tokenize(prompt) if prompt is not None else torch.zeros(0, self.context_length)
+        self.register_buffer("tokens", tokens.long(), persistent=False)  # (1, L), or (0, L) when unbound
+        self.register_state_dict_post_hook(_strip_model_prefix)
+        self.register_load_state_dict_pre_hook(_add_model_prefix)
+
+    def as_tokens(self, text: torch.Tensor | Sequence | str | None) -> torch.Tensor:
+        """Token ids ``(B, context_length)`` from token ids (tensor or nested list, zero-padded), a prompt string,
+        or ``None`` (the bound prompt).
+
+        Raises:
+            ValueError: if ``text`` is ``None`` and no prompt is bound, or holds too many tokens.
+        """
+        if text is None:
+            if self.tokens.shape[0] == 0:
+                raise ValueError("text is required: pass token ids (B, L) or a prompt, or build the network with "
+                                 "a prompt")
+            return self.tokens
+        if isinstance(text, str):
+            return self.model.tokenize(text).to(self.tokens.device)
+        tokens = torch.as_tensor(text, dtype=torch.int64, device=self.tokens.device)
+        tokens = tokens[None] if tokens.ndim == 1 else tokens  # (L,) -> (1, L)
+        if tokens.ndim != 2 or tokens.shape[1] > self.context_length:
+            raise ValueError(f"text must be (B, L) token ids with L <= {self.context_length}, got shape "
+                             f"{tuple(tokens.shape)}")
+        return F.pad(tokens, (0, self.context_length - tokens.shape[1]))  # zero padding, as the tokenizer pads
+
+    def forward(self, image: torch.Tensor, text: torch.Tensor | Sequence | str | None = None) -> torch.Tensor:
+        """Segment raw slices.
+
+        Args:
+            image: (N, 1, X, Y) raw grayscale intensities, any size.
+            text: (N, L) or (1, L) token ids (tensor or list), a prompt string, or ``None`` for the bound prompt.
+
+        Returns:
+            logits (N, 1, X, Y) on the input grid.
+        """
+        tokens = self.as_tokens(text)
+        x = image.as_subclass(torch.Tensor)
+        batch = torch.stack([self.preprocess(s.float().cpu()).as_subclass(torch.Tensor) for s in x])  # (N,3,S,S)
+        logits = self.model(batch.to(tokens.device), tokens)
+        return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False).to(x.device)
+
+
+class ExportNetwork(nn.Module):
+    """CausalCLIPSeg traced for TorchScript, with the token ids as its second input: the ``ckpt_export`` target.
+
+    ``torch.jit.script`` cannot compile open_clip's modules, and MONAI's ``ckpt_export`` traces with one input only,
+    so the model is traced here with ``(image, tokens)`` and wrapped in a scriptable module. The trace fixes the
+    shapes: ``image`` ``(batch_size, 3, S, S)`` preprocessed as in :func:`get_slice_preprocessing` (S is the
+    variant's ``image_size``) and ``text`` ``(batch_size, L)`` token ids from the package's tokenizer; any prompt
+    works. Loading accepts CausalCLIPSeg's own state dict (``models/model.pt``).
+
+    Args:
+        network: the bundle network whose model is exported.
+        batch_size: the batch size the export is traced for.
+    """
+
+    def __init__(self, network: BundleNetwork, batch_size: int = 1) -> None:
+        super().__init__()
+        model = network.model.eval()
+        size = model.config.image_size
+        example = (torch.zeros(batch_size, 3, size, size), model.tokenize("left lung").expand(batch_size, -1))
+        with torch.no_grad(), warnings.catch_warnings():
+            # shape-dependent Python in the encoders is traced for the shapes above, as documented
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            self.traced = torch.jit.trace(model, example, check_trace=False)
+        self.register_load_state_dict_pre_hook(self._complete_state_dict)
+
+    def _complete_state_dict(self, module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
+        """Add ``traced.`` to CausalCLIPSeg keys; fill the buffers the model does not save (tracing made them
+        persistent) from the traced module's own values."""
+        _add_prefix(state_dict, prefix, "traced.")
+        for key, value in self.traced.state_dict().items():
+            state_dict.setdefault(prefix + "traced." + key, value)
+
+    def forward(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """image (B, 3, S, S) preprocessed, text (B, L) token ids -> logits (B, 1, S, S)."""
+        return self.traced(image, text)
+
+
+class SliceWiseInferer(Inferer):
+    """2-D inputs ``(B, C, X, Y)`` in one call; volumes ``(B, C, X, Y, Z)`` slice by slice along ``Z`` in batches.
+
+    MONAI's ``SliceInferer`` (run with whole slices as windows) moves ``sw_batch_size`` slices at a time through the
+    network, so memory grows with the batch, not with the number of slices, beyond the output volume itself. The
+    output keeps the input's metadata (affine, file name), so writers put it on the input's grid.
+
+    Args:
+        sw_batch_size: slices per forward pass.
+        progress: show a progress bar over a volume's slice batches.
+    """
+
+    def __init__(self, sw_batch_size: int = 8, progress: bool = True) -> None:
+        super().__init__()
+        if sw_batch_size < 1:
+            raise ValueError(f"sw_batch_size must be >= 1, got {sw_batch_size}")
+        self.sw_batch_size = sw_batch_size
+        self.progress = progress
+
+    def __call__(self, inputs: torch.Tensor, network: Callable[..., torch.Tensor], *args: Any,
+                 **kwargs: Any) -> torch.Tensor:
+        """inputs (B, C, X, Y[, Z]) -> logits (B, 1, X, Y[, Z]); extra arguments go to the network."""
+        if inputs.ndim == 4:
+            logits = network(inputs, *args, **kwargs)
+        elif inputs.ndim == 5:
+            slices = inputs.shape[-1]
+            inferer = SliceInferer(roi_size=tuple(inputs.shape[2:4]), sw_batch_size=self.sw_batch_size, spatial_dim=2,
+                                   progress=self.progress and slices > self.sw_batch_size)
+            logits = inferer(inputs, network, *args, **kwargs)
+        else:
+            raise ValueError(f"inputs must be (B, C, X, Y) or (B, C, X, Y, Z), got shape {tuple(inputs.shape)}")
+        if isinstance(inputs, MetaTensor):
+            logits = MetaTensor(logits.as_subclass(torch.Tensor)).copy_meta_from(inputs)
+        return logits
+
+
+class SaveMaskd(MapTransform):
+    """Write each mask on its input's grid, named ``<input stem>_mask``: NIfTI always, PNG (0/255) for 2-D inputs.
+
+    The mask carries the input's metadata (MONAI's ``affine`` and file name), and nothing was resampled, so the
+    NIfTI has the input's shape and affine (direction and spacing included); the PNG has the input picture's
+    rows and columns.
+
+    Args:
+        keys: the mask key, ``(1, X, Y[, Z])`` in {0, 1}.
+        output_dir: the folder, created if missing.
+        png_for_2d: also write a PNG for 2-D masks.
+    """
+
+    def __init__(self, keys: str | Sequence[str] = "pred", output_dir: str | os.PathLike = "eval",
+                 png_for_2d: bool = True, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        common = {"output_dir": str(output_dir), "output_postfix": "mask", "separate_folder": False,
+                  "print_log": False, "resample": False}
+        self.nifti = SaveImage(output_ext=".nii.gz", output_dtype=np.uint8, **common)
+        self.png = SaveImage(output_ext=".png", output_dtype=np.uint8, scale=255, **common) if png_for_2d else None
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            mask = d[key]
+            self.nifti(mask.to(torch.uint8))
+            if self.png is not None and mask.ndim == 3:
+                self.png(mask.float())
+            logger.info("wrote the mask of %s", mask.meta.get(ImageMetaKey.FILENAME_OR_OBJ))
+        return d
+
+
+# ---------------------------------------------------------------------------------------------------- training
+class TrainingNetwork(nn.Module):
+    """What the trainer (and DistributedDataParallel) calls: the min-max forward of a :class:`BundleNetwork`'s model.
+
+    ``forward`` returns one tensor, the causal and confounder logits stacked as channels, so that MONAI's
+    ``SupervisedTrainer`` and DDP (which only synchronises gradients through ``forward``) carry the adversarial
+    term; :class:`StackedCausalSegLoss` splits them. The gradient-reversal coefficient is set each iteration by
+    :class:`ReversalSchedule`. It shares the weights of ``network`` (the model is not copied).
+
+    Args:
+        network: the bundle network whose model is trained.
+    """
+
+    def __init__(self, network: BundleNetwork) -> None:
+        super().__init__()
+        self.model = network.model
+        self.reversal = 0.0
+
+    def forward(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """image (B, 3, S, S) preprocessed, text (B, L) token ids -> (B, 2, S, S): causal, confounder logits
+        ((B, 1, S, S) without the causal module)."""
+        output = self.model.forward_aux(image, text, reversal=self.reversal)
+        if output.confounder_logits is None:
+            return output.logits
+        return torch.cat([output.logits, output.confounder_logits], dim=1)
+
+
+class StackedCausalSegLoss(nn.Module):
+    """:class:`~causalclipseg.losses.CausalSegLoss` on :class:`TrainingNetwork`'s stacked output; returns the total.
+
+    Args are those of :class:`~causalclipseg.losses.CausalSegLoss`.
+    """
+
+    def __init__(self, lambda_dice: float = 0.5, lambda_bce: float = 0.5, confounder_weight: float = 1.0,
+                 logit_bound: float = 5.0) -> None:
+        super().__init__()
+        self.loss = CausalSegLoss(lambda_dice, lambda_bce, confounder_weight, logit_bound)
+
+    def forward(self, pred: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        """pred (B, 2, H, W) or (B, 1, H, W), label (B, 1, H, W) in {0, 1} -> scalar loss."""
+        confounder = pred[:, 1:2] if pred.shape[1] == 2 else None
+        return self.loss(CausalCLIPSegOutput(pred[:, :1], confounder, []), label).total
+
+
+class ReversalSchedule:
+    """Sets ``network.reversal`` before each iteration: the DANN ramp of the package's training engine.
+
+    Args:
+        network: a :class:`TrainingNetwork`.
+        reversal_max: the final coefficient.
+    """
+
+    def __init__(self, network: TrainingNetwork, reversal_max: float = 0.5) -> None:
+        if reversal_max < 0:
+            raise ValueError(f"reversal_max must be >= 0, got {reversal_max}")
+        self.network = network
+        self.reversal_max = reversal_max
+
+    def attach(self, engine: Engine) -> None:
+        """Register with an ignite engine."""
+        engine.add_event_handler(Events.ITERATION_STARTED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        total = max(1, engine.state.max_epochs * (engine.state.epoch_length or 1))
+        self.network.reversal = reversal_coefficient(engine.state.iteration / total, self.reversal_max)
+
+
+def optimizer_param_groups(network: BundleNetwork, lr: float, encoder_lr_scale: float = 1.0,
+                           weight_decay: float = 1e-4) -> list[dict]:
+    """AdamW parameter groups as in the package's training: the encoders at ``lr * encoder_lr_scale``."""
+    return _param_groups(network.model, lr, encoder_lr_scale, weight_decay)
+
+
+# -------------------------------------------------------------------------------------------------- evaluation
+class SegmentationScoresHandler:
+    """Scores an evaluator's predictions under both protocols (per-image mean and dataset-level), logs them and
+    writes ``metrics.json`` and the per-image ``scores.csv`` into ``output_dir``.
+
+    Args:
+        output_dir: where to write; ``None`` to only log.
+        pred_key: probabilities ``(1, H, W)`` per item in the engine output (after decollation).
+        label_key: labels, same shape.
+        threshold: probability above which a pixel is lesion.
+    """
+
+    def __init__(self, output_dir: str | os.PathLike | None = None, pred_key: str = "pred",
+                 label_key: str = "label", threshold: float = 0.5) -> None:
+        self.output_dir = Path(output_dir) if output_dir is not None else None
+        self.pred_key, self.label_key = pred_key, label_key
+        self.scores = SegmentationScores(threshold)
+        self.summary: dict[str, float] = {}
+
+    def attach(self, engine: Engine) -> None:
+        """Register with an ignite engine."""
+        engine.add_event_handler(Events.STARTED, lambda _: self.scores.reset())
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self.update)
+        engine.add_event_handler(Events.COMPLETED, self.write)
+
+    def update(self, engine: Engine) -> None:
+        """Score the items of the last batch."""
+        items = engine.state.output if isinstance(engine.state.output, list) else [engine.state.output]
+        for item in items:
+            pred, label = item[self.pred_key], item[self.label_key]
+            name = Path(str(getattr(pred, "meta", {}).get(ImageMetaKey.FILENAME_OR_OBJ, ""))).name
+            self.scores.update(pred.detach().cpu()[None].float(), label.detach().cpu()[None], names=[name])
+
+    def write(self, engine: Engine) -> None:
+        """Log both protocols and write the files."""
+        summary = self.scores.summary()
+        self.summary = summary.to_dict()
+        logger.info("evaluation (%d images):\n%s", len(self.scores), summary)
+        engine.state.metrics.update({k.replace("/", "_"): v for k, v in self.summary.items()})
+        if self.output_dir is not None:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            (self.output_dir / "metrics.json").write_text(json.dumps(self.summary, indent=2))
+            self.scores.to_csv(self.output_dir / "scores.csv")

@@ -1,0 +1,173 @@
+"""A segmentation request for the local backend: the files it needs and the ``causalclipseg predict`` command.
+
+A job folder holds everything one run needs and leaves behind, so that a failed run can be repeated by hand::
+
+    job/
+      input.nii.gz      the volume, on its exact geometry (see :mod:`.volume_io`)
+      prompt.txt        the prompt (any punctuation is safe in a file)
+      request.json      prompt, device, threshold, model, checkpoint, input and output paths
+      output/           where ``causalclipseg predict`` writes ``input_mask.nii.gz``
+
+The command is built from ``request.json`` alone, so that the file is the single record of what was asked.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .volume_io import write_volume
+
+__all__ = ["DEVICES", "EXAMPLE_PROMPTS", "SegmentationRequest", "LocalJob", "prepare_job", "load_request",
+           "build_predict_command", "child_environment"]
+
+DEVICES = ("auto", "cpu", "cuda")
+
+# Prompts in the style the shipped model was trained on (QaTa-COV19 chest X-ray reports): where, how many, which side.
+EXAMPLE_PROMPTS = (
+    "Bilateral pulmonary infection, two infected areas, lower left lung and lower right lung.",
+    "Unilateral pulmonary infection, one infected area, lower left lung.",
+    "Unilateral pulmonary infection, one infected area, middle right lung.",
+    "Bilateral pulmonary infection, multiple infected areas, all left lung and all right lung.",
+)
+
+_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+REQUEST_FILE = "request.json"
+PROMPT_FILE = "prompt.txt"
+INPUT_FILE = "input.nii.gz"
+OUTPUT_DIR = "output"
+
+
+@dataclass(frozen=True)
+class SegmentationRequest:
+    """What to segment and how.
+
+    Args:
+        prompt: the text describing what to segment.
+        device: ``auto`` (GPU when present), ``cpu``, ``cuda`` or ``cuda:N``.
+        threshold: probability above which a voxel is in the segment, in (0, 1).
+        model: model variant; ``None`` lets the package pick its default.
+        checkpoint: weights file; ``None`` uses the weights shipped with the package.
+
+    Raises:
+        ValueError: for an empty prompt, an unknown device or a threshold outside (0, 1).
+    """
+
+    prompt: str
+    device: str = "auto"
+    threshold: float = 0.5
+    model: str | None = None
+    checkpoint: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.prompt.strip():
+            raise ValueError("the prompt is empty: type what to segment, e.g. 'lesion in the lower left lung'")
+        if not _DEVICE.match(self.device):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if not 0.0 < self.threshold < 1.0:
+            raise ValueError(f"threshold must be between 0 and 1 (exclusive), got {self.threshold}")
+        if self.checkpoint is not None and not self.checkpoint.strip():
+            object.__setattr__(self, "checkpoint", None)
+        if self.model is not None and not self.model.strip():
+            object.__setattr__(self, "model", None)
+
+
+@dataclass(frozen=True)
+class LocalJob:
+    """The files of one prepared local run."""
+
+    folder: Path
+    request_file: Path
+    input_file: Path
+    output_dir: Path
+
+    @property
+    def mask_file(self) -> Path:
+        """Where ``causalclipseg predict`` writes the mask for :attr:`input_file`."""
+        return self.output_dir / "input_mask.nii.gz"
+
+
+def prepare_job(folder: str | os.PathLike, request: SegmentationRequest, array_kji: np.ndarray,
+                ijk_to_ras: np.ndarray) -> LocalJob:
+    """Write the volume, the prompt and ``request.json`` into ``folder`` (created if needed).
+
+    Args:
+        folder: the job folder; an earlier job's files there are replaced.
+        request: what to segment.
+        array_kji: the scalar volume, (K, J, I) as Slicer gives it; (1, J, I) for a single picture.
+        ijk_to_ras: its 4x4 geometry.
+
+    Raises:
+        ValueError: for a bad array or matrix (see :func:`.volume_io.write_volume`).
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    input_file = write_volume(folder / INPUT_FILE, array_kji, ijk_to_ras)
+    (folder / PROMPT_FILE).write_text(request.prompt.strip() + "\n", encoding="utf-8")
+    output_dir = folder / OUTPUT_DIR
+    output_dir.mkdir(exist_ok=True)
+    record = {**asdict(request), "input": str(input_file), "prompt_file": str(folder / PROMPT_FILE),
+              "output_dir": str(output_dir)}
+    request_file = folder / REQUEST_FILE
+    request_file.write_text(json.dumps(record, indent=2), encoding="utf-8")
+    return LocalJob(folder, request_file, input_file, output_dir)
+
+
+def load_request(request_file: str | os.PathLike) -> dict:
+    """Read ``request.json``, checking its fields.
+
+    Raises:
+        ValueError: if the file is not a request written by :func:`prepare_job`.
+    """
+    try:
+        record = json.loads(Path(request_file).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"cannot read the request {request_file}: {err}") from err
+    missing = [key for key in ("prompt", "device", "threshold", "input", "prompt_file", "output_dir")
+               if key not in record]
+    if missing:
+        raise ValueError(f"the request {request_file} lacks {', '.join(missing)}")
+    SegmentationRequest(record["prompt"], record["device"], record["threshold"], record.get("model"),
+                        record.get("checkpoint"))  # validates
+    return record
+
+
+def build_predict_command(python: str | os.PathLike, request_file: str | os.PathLike) -> list[str]:
+    """``python -m causalclipseg.cli predict INPUT --prompt-file ... --output-dir ...`` for a request file.
+
+    Args:
+        python: the interpreter that has the ``causalclipseg`` package (Slicer's ``PythonSlicer``, or another).
+        request_file: ``request.json`` from :func:`prepare_job`.
+
+    Raises:
+        ValueError: if the request file is invalid.
+    """
+    record = load_request(request_file)
+    command = [str(python), "-m", "causalclipseg.cli", "predict", record["input"],
+               "--prompt-file", record["prompt_file"], "--output-dir", record["output_dir"],
+               "--device", record["device"], "--threshold", repr(float(record["threshold"])), "--overwrite"]
+    if record.get("model"):
+        command += ["--model", record["model"]]
+    if record.get("checkpoint"):
+        command += ["--checkpoint", record["checkpoint"]]
+    return command
+
+
+def child_environment(base: Mapping[str, str], own_interpreter: bool) -> dict[str, str]:
+    """The environment for the predict process.
+
+    Slicer sets ``PYTHONHOME``/``PYTHONPATH`` for its own interpreter; another interpreter (a conda or venv
+    Python chosen by the user) breaks with them, so they are dropped unless ``own_interpreter`` is true.
+    """
+    env = dict(base)
+    if not own_interpreter:
+        for key in ("PYTHONHOME", "PYTHONPATH", "PYTHONNOUSERSITE", "PYTHONSTARTUP"):
+            env.pop(key, None)
+    env["PYTHONIOENCODING"] = "utf-8"
+    return env

@@ -1,0 +1,326 @@
+"""The MONAI bundle in ``bundle/``: MONAI's own checks and the bundle's commands, run as subprocesses.
+
+Every test runs the real command (``python -m monai.bundle ...``, ``torchrun``) on small inputs written here, with a
+random tiny checkpoint (the trained weights are not needed): a PNG X-ray, a DICOM DX X-ray, an oblique NIfTI volume,
+an NRRD volume and a small DICOM CT series.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from causalclipseg import create_model
+from causalclipseg.bundle import BundleNetwork, list_inputs, resolve_prompt
+from causalclipseg.engine.checkpoint import save_weights
+
+BUNDLE = Path(__file__).resolve().parents[1] / "bundle"
+SCHEMA = Path(__file__).resolve().parents[2] / "shared" / "monai" / "meta_schema_20240725.json"
+PROMPT_A = "bilateral pulmonary infection, two infected areas, lower left lung and lower right lung."
+PROMPT_B = "unilateral pulmonary infection, one infected area, upper right lung."
+
+
+def _bundle(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:
+    """``python -m monai.bundle <args>`` in the bundle folder; output (stdout + stderr) in ``.stdout``."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([sys.executable, "-m", "monai.bundle", *args], cwd=BUNDLE, env=env, timeout=timeout,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _ok(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == 0, result.stdout[-4000:]
+    return result.stdout
+
+
+def _infer(ckpt: Path, *args: str) -> subprocess.CompletedProcess:
+    return _bundle("run", "--config_file", "configs/inference.json", "--ckpt_path", str(ckpt), "--progress", "False",
+                   *args)
+
+
+# ------------------------------------------------------------------------------------------------------ inputs
+def _dicom(path: Path, pixels: np.ndarray, modality: str, series_uid: str, **tags) -> Path:
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1" if modality == "DX" else "1.2.840.10008.5.1.4.1.1.2"
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality, ds.SeriesInstanceUID, ds.StudyInstanceUID = modality, series_uid, "1.2.3.4"
+    ds.PatientName, ds.PatientID = "Test^Bundle", "0"
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    for key, value in tags.items():
+        setattr(ds, key, value)
+    ds.PixelData = pixels.astype(np.uint16).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict[str, Path]:
+    """Small inputs of every kind, and a random tiny checkpoint."""
+    from pydicom.uid import generate_uid
+
+    root = tmp_path_factory.mktemp("bundle_data")
+    rng = np.random.default_rng(0)
+    torch.manual_seed(0)
+    files = {"ckpt": save_weights(create_model("tiny").state_dict(), root / "random_tiny.pt", half=True)}
+    files["png"] = root / "xrays" / "patient1.png"
+    files["png"].parent.mkdir()
+    Image.fromarray((rng.random((72, 88)) * 255).astype(np.uint8)).save(files["png"])  # 72 rows x 88 columns
+    files["dcm"] = _dicom(root / "xrays" / "patient2.dcm", rng.integers(0, 4000, (64, 80)), "DX", generate_uid(),
+                          PixelSpacing=[0.2, 0.2])
+    files["nii"] = root / "volume.nii.gz"
+    oblique = np.array([[0.9, 0.3, 0.0, -20.0], [-0.3, 0.9, 0.2, 15.0], [0.0, -0.2, 2.5, 40.0], [0, 0, 0, 1]])
+    nib.save(nib.Nifti1Image(rng.random((40, 36, 5)).astype(np.float32), oblique), files["nii"])
+    import nrrd
+
+    files["nrrd"] = root / "scan.nrrd"
+    nrrd.write(str(files["nrrd"]), rng.random((32, 40, 3)).astype(np.float32),
+               {"space": "left-posterior-superior", "space directions": np.diag([0.8, 0.8, 3.0]),
+                "space origin": np.array([1.0, 2.0, 3.0])})
+    files["series"] = root / "ct_series"
+    files["series"].mkdir()
+    uid = generate_uid()
+    for k in range(4):
+        _dicom(files["series"] / f"slice{k}.dcm", rng.integers(0, 2000, (48, 56)), "CT", uid,
+               ImagePositionPatient=[-10.0, -20.0, 5.0 + 2.5 * k], ImageOrientationPatient=[1, 0, 0, 0, 1, 0],
+               PixelSpacing=[0.7, 0.9], SliceThickness=2.5, InstanceNumber=k + 1)
+    files["bad"] = root / "broken.png"
+    files["bad"].write_text("this is not an image")
+    return files
+
+
+@pytest.fixture(scope="module")
+def train_data(tmp_path_factory) -> Path:
+    """A MONAI datalist JSON with a few 64 x 64 PNG images, masks and prompts."""
+    root = tmp_path_factory.mktemp("bundle_train")
+    rng = np.random.default_rng(1)
+    records = []
+    for i in range(4):
+        Image.fromarray((rng.random((64, 64)) * 255).astype(np.uint8)).save(root / f"img{i}.png")
+        mask = np.zeros((64, 64), np.uint8)
+        mask[10:30, 5 + i:40] = 255
+        Image.fromarray(mask).save(root / f"mask_img{i}.png")
+        records.append({"image": f"img{i}.png", "label": f"mask_img{i}.png", "prompt": f"left lung, {i + 1} areas"})
+    (root / "datalist.json").write_text(json.dumps({"training": records, "validation": records[:2],
+                                                    "test": records[2:]}))
+    return root / "datalist.json"
+
+
+# ---------------------------------------------------------------------------------------------- MONAI's checks
+def test_verify_metadata_against_offline_schema():
+    out = _ok(_bundle("verify_metadata", "--meta_file", "configs/metadata.json", "--filepath", str(SCHEMA)))
+    assert "metadata is verified with no error" in out
+
+
+def test_metadata_declares_image_then_text_and_pred():
+    meta = json.loads((BUNDLE / "configs" / "metadata.json").read_text())
+    fmt = meta["network_data_format"]
+    assert list(fmt["inputs"]) == ["image", "text"]
+    assert fmt["outputs"]["pred"]["channel_def"] == {"0": "background", "1": "lesion"}
+    assert meta["version"] in meta["changelog"]
+    assert "causalclipseg" in meta["required_packages_version"]
+    assert "research only" in meta["intended_use"].lower()
+
+
+def test_verify_net_in_out_with_the_text_input():
+    out = _ok(_bundle("verify_net_in_out", "network_def", "--meta_file", "configs/metadata.json",
+                      "--config_file", "configs/inference.json", "--device", "cpu", "--any", "96",
+                      "--extra_forward_args", "{'text': [49406, 1823, 9518, 49407]}"))
+    assert "data shape of network is verified with no error" in out
+
+
+def test_ckpt_export_torchscript_equals_eager(data, tmp_path):
+    ts_path = tmp_path / "model.ts"
+    _ok(_bundle("ckpt_export", "export_network", "--filepath", str(ts_path), "--ckpt_file", str(data["ckpt"]),
+                "--meta_file", "configs/metadata.json", "--config_file", "configs/inference.json"))
+    exported = torch.jit.load(str(ts_path))
+    model = create_model("tiny", checkpoint=data["ckpt"])
+    image = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        for prompt in (PROMPT_A, PROMPT_B):  # neither is the prompt the export was traced with
+            tokens = model.tokenize(prompt)
+            torch.testing.assert_close(exported(image, tokens), model(image, tokens), rtol=1e-4, atol=1e-5)
+
+
+def test_infer_and_train_properties(train_data, data, tmp_path):
+    out = f", output_dir={str(tmp_path)!r}"  # building the handlers creates TensorBoard files there
+    script = (
+        "from monai.bundle import ConfigWorkflow\n"
+        f"w = ConfigWorkflow(config_file='configs/inference.json', workflow_type='infer',"
+        f" input={str(data['png'])!r}{out})\n"
+        "w.initialize(); print('infer', w.check_properties())\n"
+        f"w = ConfigWorkflow(config_file='configs/train.json', workflow_type='train',"
+        f" dataset_dir={str(train_data)!r}{out})\n"
+        "w.initialize(); print('train', w.check_properties())\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], cwd=BUNDLE, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "infer []" in result.stdout and "train []" in result.stdout, result.stdout
+
+
+def test_model_zoo_ci_rules():
+    for path in BUNDLE.rglob("*"):
+        if path.is_file():  # follows links: models/model.pt once the trained weights exist
+            assert path.stat().st_size <= 25 * 1024 * 1024, f"{path} is over 25 MB: list it in large_files.yml"
+    for path in (BUNDLE / "configs").glob("*.json"):
+        text = path.read_text()
+        assert text == json.dumps(json.loads(text), indent=4) + "\n", f"{path.name} is not pretty-printed"
+    assert os.readlink(BUNDLE / "models" / "model.pt") == "../../causalclipseg/weights/causalclipseg_tiny_qata.pt"
+    for name in ("LICENSE", "large_files.yml", "docs/README.md", "docs/data_license.txt", "configs/logging.conf"):
+        assert (BUNDLE / name).is_file(), name
+    readme = (BUNDLE / "docs" / "README.md").read_text().lower()
+    for heading in ("model overview", "data", "preprocessing", "performance", "system configuration", "limitations",
+                    "citation"):
+        assert f"# {heading}" in readme, heading
+
+
+# --------------------------------------------------------------------------------------------------- inference
+def test_infer_folder_of_xrays_png_and_dicom(data, tmp_path):
+    from monai.transforms import LoadImage
+
+    out = _ok(_infer(data["ckpt"], "--input", str(data["png"].parent), "--output_dir", str(tmp_path),
+                     "--progress", "True"))
+    assert "images" in out  # the progress bar over the folder
+    png_mask = np.array(Image.open(tmp_path / "patient1_mask.png"))
+    assert png_mask.shape == (72, 88) and set(np.unique(png_mask)) <= {0, 255}
+    assert nib.load(tmp_path / "patient1_mask.nii.gz").shape == (88, 72)  # MONAI's axis order: x = columns
+    dcm_in = LoadImage(image_only=True)(str(data["dcm"]))
+    dcm_mask = nib.load(tmp_path / "patient2_mask.nii.gz")
+    assert dcm_mask.shape == tuple(s for s in dcm_in.shape if s != 1)
+    np.testing.assert_allclose(dcm_mask.affine, dcm_in.affine.numpy(), atol=1e-5)
+    assert (tmp_path / "patient2_mask.png").is_file()
+
+
+def test_infer_volumes_keep_their_grid(data, tmp_path):
+    from monai.transforms import LoadImage
+
+    datalist = tmp_path / "volumes.json"
+    datalist.write_text(json.dumps({"testing": [{"image": str(data[k])} for k in ("nii", "nrrd", "series")]}))
+    _ok(_infer(data["ckpt"], "--input", str(datalist), "--output_dir", str(tmp_path / "out"), "--batch_size", "2"))
+    source = nib.load(data["nii"])
+    mask = nib.load(tmp_path / "out" / "volume_mask.nii.gz")
+    assert mask.shape == source.shape
+    np.testing.assert_allclose(mask.affine, source.affine, atol=1e-5)  # oblique direction, spacing and origin
+    assert mask.get_data_dtype() == np.uint8
+    for key, name in (("nrrd", "scan_mask.nii.gz"), ("series", "ct_series_mask.nii.gz")):
+        loaded = LoadImage(image_only=True)(str(data[key]))
+        written = nib.load(tmp_path / "out" / name)
+        assert written.shape == tuple(loaded.shape), key
+        np.testing.assert_allclose(written.affine, loaded.affine.numpy(), atol=1e-4)
+    series = nib.load(tmp_path / "out" / "ct_series_mask.nii.gz")
+    np.testing.assert_allclose(np.linalg.norm(series.affine[:3, :3], axis=0), [0.9, 0.7, 2.5], atol=1e-4)
+
+
+def test_prompt_with_commas_and_digits_arrives_intact(data, tmp_path):
+    out = _ok(_infer(data["ckpt"], "--input", str(data["png"]), "--output_dir", str(tmp_path),
+                     "--prompt", "left, right, 2"))
+    assert "prompt: 'left, right, 2'" in out  # python-fire would have passed ('left', 'right', 2)
+    prompt_file = tmp_path / "prompt.txt"
+    prompt_file.write_text("@bilateral, 3 infected areas, upper left lung.\n", encoding="utf-8")
+    out = _ok(_infer(data["ckpt"], "--input", str(data["png"]), "--output_dir", str(tmp_path),
+                     "--prompt_file", str(prompt_file)))
+    assert "prompt: '@bilateral, 3 infected areas, upper left lung.'" in out
+
+
+def test_resolve_prompt_rebuilds_fire_tuples():
+    argv = ["x", "run", "--prompt", "left,  right 2"]
+    assert resolve_prompt(("left", "right 2"), argv=argv) == "left,  right 2"
+    assert resolve_prompt(("left", 2), argv=["x"]) == "left, 2"
+    assert resolve_prompt(7, argv=["x", "--prompt=7"]) == "7"
+    with pytest.raises(ValueError, match="prompt must contain text"):
+        resolve_prompt("  ")
+
+
+def test_two_prompts_give_different_masks(data, tmp_path):
+    """With random weights the lesion probabilities differ between prompts only slightly and mostly lie on one
+    side of 0.5; so the threshold is set at the median probability of prompt A (computed here with the same
+    network), and the test checks that the masks the bundle writes for A and B differ: the prompt given on the
+    command line reaches the network. It does not check that either mask is right."""
+    from monai.transforms import LoadImage
+
+    network = BundleNetwork("tiny", PROMPT_A)
+    network.load_state_dict(torch.load(data["ckpt"], weights_only=True))
+    image = LoadImage(image_only=True, ensure_channel_first=True)(str(data["png"]))
+    with torch.no_grad():
+        threshold = float(torch.sigmoid(network(image[None])).median())
+    masks = []
+    for i, prompt in enumerate((PROMPT_A, PROMPT_B)):
+        _ok(_infer(data["ckpt"], "--input", str(data["png"]), "--output_dir", str(tmp_path / str(i)),
+                   "--prompt", prompt, "--threshold", repr(threshold)))
+        masks.append(nib.load(tmp_path / str(i) / "patient1_mask.nii.gz").get_fdata())
+    assert 0 < masks[0].mean() < 1  # prompt A's mask is neither empty nor full at its median
+    assert (masks[0] != masks[1]).any()
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing", "input not found: "),
+    ("bad", "cannot read "),
+    ("empty_prompt", "prompt must contain text"),
+])
+def test_clear_errors(data, tmp_path, case, message):
+    args = {"missing": ["--input", str(tmp_path / "nothere.png")],
+            "bad": ["--input", str(data["bad"])],
+            "empty_prompt": ["--input", str(data["png"]), "--prompt", "   "]}[case]
+    result = _infer(data["ckpt"], *args, "--output_dir", str(tmp_path))
+    assert result.returncode != 0
+    line = next((x for x in result.stdout.splitlines() if re.match(r"(ValueError|FileNotFoundError): ", x)), "")
+    assert message in line, result.stdout[-3000:]
+    if case == "missing":
+        assert "nothere.png" in line
+    if case == "bad":
+        assert "broken.png" in line
+
+
+def test_list_inputs_treats_a_dicom_series_as_one_volume(data):
+    assert list_inputs(data["series"]) == [{"image": str(data["series"])}]
+    assert {Path(r["image"]).name for r in list_inputs(data["png"].parent)} == {"patient1.png", "patient2.dcm"}
+
+
+# ---------------------------------------------------------------------------------------- training, evaluation
+def test_train_then_evaluate_both_protocols(train_data, tmp_path):
+    out_dir = tmp_path / "run"
+    _ok(_bundle("run", "--config_file", "configs/train.json", "--dataset_dir", str(train_data),
+                "--output_dir", str(out_dir), "--max_epochs", "1", "--batch_size", "2", "--val_batch_size", "2"))
+    assert (out_dir / "models" / "model.pt").is_file()  # best validation model
+    assert list((out_dir / "models").glob("train_checkpoint_epoch=1.pt"))  # model + optimizer
+    assert list(out_dir.glob("events.out.tfevents.*"))  # TensorBoard
+    create_model("tiny", checkpoint=out_dir / "models" / "model.pt")  # the package loads what the bundle saved
+    eval_dir = tmp_path / "eval"
+    out = _ok(_bundle("run", "--config_file", "['configs/train.json','configs/evaluate.json']",
+                      "--dataset_dir", str(train_data), "--output_dir", str(eval_dir),
+                      "--ckpt_path", str(out_dir / "models" / "model.pt"), "--val_batch_size", "2"))
+    assert "per_image Dice" in out and "dataset_level Dice" in out
+    metrics = json.loads((eval_dir / "metrics.json").read_text())
+    assert {"per_image/dice", "dataset_level/dice", "per_image/iou", "dataset_level/iou"} <= set(metrics)
+    assert (eval_dir / "scores.csv").is_file()
+
+
+def test_multi_gpu_train_starts_two_processes_on_cpu(train_data, tmp_path):
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "CUDA_VISIBLE_DEVICES": ""}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", "29517",
+               "-m", "monai.bundle", "run", "--config_file", "['configs/train.json','configs/multi_gpu_train.json']",
+               "--dataset_dir", str(train_data), "--output_dir", str(tmp_path), "--max_epochs", "1",
+               "--batch_size", "1", "--val_batch_size", "1"]
+    result = subprocess.run(command, cwd=BUNDLE, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, timeout=180)
+    assert result.returncode == 0, result.stdout[-4000:]
+    finished = re.findall(r"SupervisedTrainer - INFO - Engine run finished", result.stdout)
+    assert len(finished) == 2, result.stdout[-4000:]  # both ranks trained to the end
+    assert (tmp_path / "models" / "model.pt").is_file()  # rank 0 saved

@@ -1,0 +1,192 @@
+"""The command line: predict, train (with resume), evaluate; errors are one line and exit status 2."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from causalclipseg import cli, create_model
+from causalclipseg.engine.checkpoint import save_weights
+from causalclipseg.factory import DEFAULT_CHECKPOINT, load_state_dict
+
+PROMPT = "bilateral pulmonary infection, two infected areas, lower left lung and lower right lung."
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    return save_weights(create_model("tiny").state_dict(), tmp_path_factory.mktemp("ckpt") / "tiny.pt")
+
+
+def _xray(path: Path, size=(96, 64)) -> Path:
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, size=(size[1], size[0]), dtype=np.uint8)).save(path)
+    return path
+
+
+def test_predict_png_writes_mask_on_the_input_grid(tmp_path, checkpoint, capsys):
+    image = _xray(tmp_path / "Chest_01.PNG", size=(96, 64))
+    out = tmp_path / "out"
+    assert cli.main(["predict", str(image), "--prompt", PROMPT, "--checkpoint", str(checkpoint),
+                     "--output-dir", str(out), "--threshold", "0.5"]) == 0
+    mask = np.array(Image.open(out / "Chest_01_mask.png"))
+    assert mask.shape == (64, 96)  # rows x columns, as the input
+    assert set(np.unique(mask)) <= {0, 255}
+    overlay = Image.open(out / "Chest_01_overlay.png")
+    assert overlay.size == (96, 64) and overlay.mode == "RGB"
+    assert "Chest_01_mask.png" in capsys.readouterr().out
+    # nothing is overwritten without --overwrite
+    before = (out / "Chest_01_mask.png").read_bytes()
+    assert cli.main(["predict", str(image), "--prompt", "lower left lung", "--checkpoint", str(checkpoint),
+                     "--output-dir", str(out)]) == 2
+    assert "exists; pass --overwrite" in capsys.readouterr().err
+    assert (out / "Chest_01_mask.png").read_bytes() == before
+
+
+def test_predict_prompt_file_with_commas_and_digits(tmp_path, checkpoint):
+    image = _xray(tmp_path / "a.png")
+    prompt_file = tmp_path / "prompt.txt"
+    prompt_file.write_text("left, right: 2 areas, 3rd zone\n", encoding="utf-8")
+    out = tmp_path / "out"
+    assert cli.main(["predict", str(image), "--prompt-file", str(prompt_file), "--checkpoint", str(checkpoint),
+                     "--output-dir", str(out)]) == 0
+    assert (out / "a_mask.png").exists()
+
+
+def _oblique_affine() -> np.ndarray:
+    angle = np.deg2rad(20)
+    rotation = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
+    affine = np.eye(4)
+    affine[:3, :3] = rotation @ np.diag([0.7, 0.9, 2.5])
+    affine[:3, 3] = [-40.0, 12.5, 7.0]
+    return affine
+
+
+@pytest.mark.parametrize("shape", [(80, 64, 1), (64, 48, 5)])
+def test_predict_nifti_keeps_geometry(tmp_path, checkpoint, shape):
+    affine = _oblique_affine()
+    data = np.random.default_rng(1).normal(size=shape).astype(np.float32) * 100
+    src = tmp_path / "scan.nii.gz"
+    nib.save(nib.Nifti1Image(data, affine), src)
+    before = src.read_bytes()
+    out = tmp_path / "out"
+    assert cli.main(["predict", str(src), "--prompt", PROMPT, "--checkpoint", str(checkpoint),
+                     "--output-dir", str(out)]) == 0
+    mask = nib.load(out / "scan_mask.nii.gz")
+    assert mask.shape == shape
+    np.testing.assert_allclose(mask.affine, affine, atol=1e-5)
+    assert set(np.unique(np.asarray(mask.dataobj))) <= {0, 1}
+    assert src.read_bytes() == before  # the input is untouched
+
+
+def test_predict_errors_are_one_line(tmp_path, checkpoint, capsys):
+    (tmp_path / "empty.png").write_bytes(b"")
+    cases = [
+        ([str(tmp_path / "missing.png"), "--prompt", PROMPT], "input not found"),
+        ([str(tmp_path / "empty.png"), "--prompt", PROMPT], "cannot read"),
+        ([str(_xray(tmp_path / "ok.png")), "--prompt", "   "], "prompt must contain text"),
+        ([str(tmp_path / "ok.png"), "--prompt-file", str(tmp_path / "nope.txt")], "cannot read prompt file"),
+    ]
+    for args, message in cases:
+        code = cli.main(["predict", *args, "--checkpoint", str(checkpoint), "--output-dir", str(tmp_path / "o")])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2, args
+        assert err and err[-1].startswith("error: ") and message in err[-1], (args, err)
+        assert not any("Traceback" in line for line in err)
+
+
+def test_shipped_default_model_is_used_without_checkpoint(tmp_path):
+    assert DEFAULT_CHECKPOINT.is_file(), "the default model must ship with the package"
+    assert DEFAULT_CHECKPOINT.stat().st_size < 20 * 2**20
+    assert all(isinstance(v, torch.Tensor) for v in load_state_dict(DEFAULT_CHECKPOINT).values())
+    image = _xray(tmp_path / "x.png")
+    assert cli.main(["predict", str(image), "--prompt", PROMPT, "--output-dir", str(tmp_path / "o")]) == 0
+    assert (tmp_path / "o" / "x_mask.png").exists()
+
+
+def _datalist(tmp_path: Path, n: int = 6) -> Path:
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(n):
+        img = rng.integers(0, 255, size=(64, 64), dtype=np.uint8)
+        mask = np.zeros((64, 64), dtype=np.uint8)
+        mask[10 + i:40, 5:30 + i] = 255
+        Image.fromarray(img).save(tmp_path / f"img_{i}.png")
+        Image.fromarray(mask).save(tmp_path / f"mask_{i}.png")
+        rows.append({"image": f"img_{i}.png", "label": f"mask_{i}.png",
+                     "prompt": "unilateral pulmonary infection, one infected area, lower left lung."})
+    path = tmp_path / "datalist.json"
+    path.write_text(json.dumps({"training": rows[:-2], "validation": rows[-2:]}))
+    return path
+
+
+def _train_args(data: Path, out: Path, epochs: int) -> list[str]:
+    # checkpoints at epoch ends only (4 iterations per epoch): the kill below resumes from an epoch boundary
+    return ["train", "--data", str(data), "--output-dir", str(out), "--epochs", str(epochs), "--batch-size", "2",
+            "--checkpoint-every", "100", "--no-progress", "--warmup-iterations", "2", "--device", "cpu"]
+
+
+def test_train_killed_mid_run_resumes_exactly(tmp_path):
+    """SIGKILL during the second epoch, then the same command again: the result equals an uninterrupted run."""
+    data = _datalist(tmp_path, n=10)  # 8 training images, batch 2: 4 iterations per epoch
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert cli.main(_train_args(data, straight, epochs=2)) == 0
+    process = subprocess.Popen([sys.executable, "-m", "causalclipseg.cli", *_train_args(data, resumed, epochs=2)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while not (resumed / "checkpoints" / "last_checkpoint_4.pt").exists() and time.monotonic() < deadline:
+        assert process.poll() is None, "training ended before it could be interrupted"
+        time.sleep(0.02)
+    process.kill()
+    process.wait(timeout=30)
+    killed_at = sorted((resumed / "checkpoints").glob("last_checkpoint_*.pt"))
+    assert killed_at and killed_at[-1].name != "last_checkpoint_8.pt", "the kill came too late to test a resume"
+    for checkpoint in killed_at:  # what is on disk under the final name is complete
+        torch.load(checkpoint, weights_only=True)
+    assert cli.main(_train_args(data, resumed, epochs=2)) == 0
+    final = {d: [p.name for p in (d / "checkpoints").glob("last_*.pt")] for d in (straight, resumed)}
+    assert final[straight] == final[resumed] == ["last_checkpoint_8.pt"]
+    a = torch.load(straight / "checkpoints" / "last_checkpoint_8.pt", weights_only=True)
+    b = torch.load(resumed / "checkpoints" / "last_checkpoint_8.pt", weights_only=True)
+    for key, tensor in a["model"].items():
+        torch.testing.assert_close(b["model"][key], tensor, rtol=0, atol=0, msg=key)
+    assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
+    for index, state in a["optimizer"]["state"].items():
+        torch.testing.assert_close(b["optimizer"]["state"][index]["exp_avg"], state["exp_avg"], rtol=0, atol=0)
+    history = [json.loads(line)["epoch"] for line in (resumed / "history.jsonl").read_text().splitlines()]
+    assert history[-1] == 2
+
+
+def test_train_rejects_a_bad_dataset(tmp_path, capsys):
+    assert cli.main(["train", "--data", str(tmp_path / "nowhere"), "--output-dir", str(tmp_path / "o"),
+                     "--no-progress"]) == 2
+    assert capsys.readouterr().err.startswith("error: ")
+
+
+def test_evaluate_reports_both_protocols(tmp_path, checkpoint, capsys):
+    data = _datalist(tmp_path)
+    csv, summary = tmp_path / "rows.csv", tmp_path / "summary.json"
+    assert cli.main(["evaluate", "--data", str(data), "--split", "train", "--checkpoint", str(checkpoint),
+                     "--csv", str(csv), "--json", str(summary), "--bootstrap", "50"]) == 0
+    out = capsys.readouterr().out
+    assert "per_image" in out and "dataset_level" in out
+    result = json.loads(summary.read_text())
+    assert result["n_images"] == 4 and 0 <= result["per_image/dice"] <= 1
+    assert len(csv.read_text().strip().splitlines()) == 5  # header + 4 images
+    assert cli.main(["evaluate", "--data", str(data), "--split", "train", "--checkpoint", str(checkpoint),
+                     "--prompt-transform", "empty", "--bootstrap", "10"]) == 0
+
+
+def test_main_without_verb_prints_usage(capsys):
+    assert cli.main([]) == 2
+    assert "verify-data" in capsys.readouterr().err
+    assert cli.main(["--help"]) == 0

@@ -1,0 +1,557 @@
+"""The 3D Slicer extension without Slicer: its Slicer-free Lib, and static checks of the files Slicer reads.
+
+Slicer cannot run here, so the module file is compiled and cross-checked against its ``.ui`` and CMake lists;
+the ``TextPromptSegmentationTest`` class inside it covers the rest for users who have Slicer.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+import xml.etree.ElementTree as ET
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import nibabel as nib
+import nrrd
+import numpy as np
+import pytest
+
+EXTENSION = Path(__file__).resolve().parents[1] / "slicer_extension"
+MODULE_DIR = EXTENSION / "TextPromptSegmentation"
+MODULE_FILE = MODULE_DIR / "TextPromptSegmentation.py"
+UI_FILE = MODULE_DIR / "Resources" / "UI" / "TextPromptSegmentation.ui"
+LIB = MODULE_DIR / "TextPromptSegmentationLib"
+sys.path.insert(0, str(MODULE_DIR))
+
+from TextPromptSegmentationLib import dependencies, monailabel_client, segments, volume_io  # noqa: E402
+from TextPromptSegmentationLib.request import (  # noqa: E402
+    EXAMPLE_PROMPTS,
+    SegmentationRequest,
+    build_predict_command,
+    child_environment,
+    prepare_job,
+)
+from TextPromptSegmentationLib.runner import (  # noqa: E402
+    BackgroundCall,
+    ProcessFailedError,
+    ProcessRunner,
+    RunState,
+    parse_progress,
+)
+
+PROMPT = "Bilateral pulmonary infection, two infected areas, lower left lung and lower right lung."
+
+
+def oblique_matrix(spacing: tuple[float, float, float] = (0.7, 0.9, 2.5),
+                   origin: tuple[float, float, float] = (-120.25, 33.5, 417.75)) -> np.ndarray:
+    """IJK-to-RAS with a rotation about two axes, anisotropic spacing and a far origin."""
+    a, b = np.deg2rad(25.0), np.deg2rad(-12.0)
+    rz = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])
+    rx = np.array([[1, 0, 0], [0, np.cos(b), -np.sin(b)], [0, np.sin(b), np.cos(b)]])
+    matrix = np.eye(4)
+    matrix[:3, :3] = rz @ rx @ np.diag(spacing)
+    matrix[:3, 3] = origin
+    return matrix
+
+
+# --- static checks of the extension --------------------------------------------------------------------------
+
+
+def _cmake_list(text: str, variable: str) -> list[str]:
+    body = re.search(rf"set\(\s*{variable}\s+(.*?)\)", text, re.S)
+    assert body, f"{variable} not set"
+    return body.group(1).split()
+
+
+def test_top_level_cmake_follows_the_extension_template() -> None:
+    text = (EXTENSION / "CMakeLists.txt").read_text()
+    for field in ("HOMEPAGE", "CATEGORY", "CONTRIBUTORS", "DESCRIPTION", "ICONURL", "SCREENSHOTURLS", "DEPENDS"):
+        assert re.search(rf"^set\(EXTENSION_{field} ", text, re.M), f"EXTENSION_{field} missing"
+    for line in ("find_package(Slicer REQUIRED)", "include(${Slicer_USE_FILE})",
+                 "add_subdirectory(TextPromptSegmentation)", "include(${Slicer_EXTENSION_GENERATE_CONFIG})",
+                 "include(${Slicer_EXTENSION_CPACK})"):
+        assert line in text
+
+
+def test_module_cmake_lists_every_python_file_and_resource() -> None:
+    text = (MODULE_DIR / "CMakeLists.txt").read_text()
+    assert "slicerMacroBuildScriptedModule(" in text
+    listed = {s.replace("${MODULE_NAME}", "TextPromptSegmentation") for s in _cmake_list(text, "MODULE_PYTHON_SCRIPTS")}
+    shipped = {p.relative_to(MODULE_DIR).as_posix() for p in MODULE_DIR.rglob("*.py")}
+    assert listed == shipped, f"unlisted: {shipped - listed}, listed but missing: {listed - shipped}"
+    for resource in _cmake_list(text, "MODULE_PYTHON_RESOURCES"):
+        assert (MODULE_DIR / resource.replace("${MODULE_NAME}", "TextPromptSegmentation")).is_file(), resource
+    assert (MODULE_DIR / "Testing" / "CMakeLists.txt").is_file()
+    assert (MODULE_DIR / "Testing" / "Python" / "CMakeLists.txt").is_file()
+
+
+def test_icon_is_a_128_px_png() -> None:
+    data = (MODULE_DIR / "Resources" / "Icons" / "TextPromptSegmentation.png").read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    assert int.from_bytes(data[16:20], "big") == int.from_bytes(data[20:24], "big") == 128
+
+
+def test_module_file_compiles_and_has_the_four_classes(tmp_path: Path) -> None:
+    import py_compile
+
+    py_compile.compile(str(MODULE_FILE), cfile=str(tmp_path / "module.pyc"), doraise=True)
+    classes = {node.name for node in ast.parse(MODULE_FILE.read_text()).body if isinstance(node, ast.ClassDef)}
+    assert {f"TextPromptSegmentation{suffix}" for suffix in ("", "Widget", "Logic", "Test")} <= classes
+
+
+def _ui_widgets() -> tuple[ET.Element, dict[str, str]]:
+    root = ET.parse(UI_FILE).getroot()
+    return root, {w.get("name"): w.get("class") for w in root.iter("widget")}
+
+
+# The class each widget the module code looks up must have (the code uses that class's API).
+EXPECTED_WIDGET_CLASSES = {
+    "inputVolumeSelector": "qMRMLNodeComboBox", "outputSegmentationSelector": "qMRMLNodeComboBox",
+    "promptTextEdit": "QPlainTextEdit", "examplePromptComboBox": "QComboBox", "backendComboBox": "QComboBox",
+    "serverUrlLineEdit": "QLineEdit", "serverModelLineEdit": "QLineEdit", "deviceComboBox": "QComboBox",
+    "thresholdSliderWidget": "ctkSliderWidget", "pythonPathLineEdit": "ctkPathLineEdit",
+    "checkpointPathLineEdit": "ctkPathLineEdit", "packageLineEdit": "QLineEdit", "installButton": "QPushButton",
+    "segmentButton": "QPushButton", "progressBar": "QProgressBar", "statusLabel": "QLabel",
+    "logTextEdit": "QPlainTextEdit",
+}
+
+
+def test_every_widget_the_code_uses_exists_in_the_ui_with_its_class() -> None:
+    root, widgets = _ui_widgets()
+    assert root.find("widget").get("class") == "qMRMLWidget"
+    used = set(re.findall(r"self\.ui\.(\w+)", MODULE_FILE.read_text()))
+    assert used, "the module code looks up no widget"
+    assert used <= set(EXPECTED_WIDGET_CLASSES), f"add the expected class of {used - set(EXPECTED_WIDGET_CLASSES)}"
+    for name in used:
+        assert name in widgets, f"{name} is used by the code but missing from the .ui"
+        assert widgets[name] == EXPECTED_WIDGET_CLASSES[name], f"{name} is a {widgets[name]} in the .ui"
+
+
+def test_ui_declares_its_custom_widgets_and_connects_the_scene() -> None:
+    root, widgets = _ui_widgets()
+    declared = {c.findtext("class") for c in root.iter("customwidget")}
+    custom = {cls for cls in widgets.values() if not cls.startswith("Q")}
+    assert custom <= declared, f"undeclared custom widgets: {custom - declared}"
+    combos = [name for name, cls in widgets.items() if cls == "qMRMLNodeComboBox"]
+    receivers = {c.findtext("receiver") for c in root.iter("connection")
+                 if c.findtext("slot").startswith("setMRMLScene")}
+    assert set(combos) <= receivers, "every node selector needs the scene"
+    for widget in root.iter("widget"):
+        if widget.get("class") == "qMRMLNodeComboBox":
+            types = widget.find("property[@name='nodeTypes']/stringlist")
+            assert types is not None and [s.text for s in types], f"{widget.get('name')} has no nodeTypes"
+
+
+def test_lib_imports_neither_slicer_nor_torch() -> None:
+    forbidden = {"slicer", "qt", "vtk", "ctk", "torch", "monai"}
+    for path in LIB.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else []
+            assert not {n.split(".")[0] for n in names} & forbidden, f"{path.name} imports {names}"
+    code = ("import sys, TextPromptSegmentationLib.request, TextPromptSegmentationLib.runner, "
+            "TextPromptSegmentationLib.monailabel_client, TextPromptSegmentationLib.dependencies; "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=MODULE_DIR, capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "False", out.stderr
+
+
+# --- geometry round trip -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nrrd"])
+@pytest.mark.parametrize("shape", [(5, 12, 9), (1, 16, 11)], ids=["3d", "2d"])
+def test_volume_round_trip_keeps_oblique_geometry(tmp_path: Path, suffix: str, shape: tuple[int, int, int]) -> None:
+    array = np.random.default_rng(0).integers(-1000, 2000, shape).astype(np.int16)
+    matrix = oblique_matrix()
+    path = volume_io.write_volume(tmp_path / f"vol{suffix}", array, matrix)
+    back, back_matrix = volume_io.read_volume(path)
+    np.testing.assert_array_equal(back, array)
+    assert back.dtype == np.int16
+    assert volume_io.same_grid(back.shape, back_matrix, shape, matrix)
+    np.testing.assert_allclose(back_matrix, matrix, rtol=1e-6, atol=1e-5)
+
+
+def test_files_carry_the_geometry_in_each_format_convention(tmp_path: Path) -> None:
+    array, matrix = np.zeros((3, 4, 5), np.uint8), oblique_matrix()
+    nifti = nib.load(str(volume_io.write_volume(tmp_path / "v.nii.gz", array, matrix)))
+    assert nifti.shape == (5, 4, 3)  # IJK
+    np.testing.assert_allclose(nifti.affine, matrix, atol=1e-4)
+    assert int(nifti.header["sform_code"]) == 1
+    data, header = nrrd.read(str(volume_io.write_volume(tmp_path / "v.nrrd", array, matrix)), index_order="F")
+    assert data.shape == (5, 4, 3) and header["space"] == "left-posterior-superior"
+    lps = np.diag([-1, -1, 1]) @ matrix[:3, :3]
+    np.testing.assert_allclose(np.asarray(header["space directions"]).T, lps)
+    np.testing.assert_allclose(header["space origin"], np.diag([-1, -1, 1]) @ matrix[:3, 3])
+
+
+def test_ras_nrrd_and_2d_files_are_read(tmp_path: Path) -> None:
+    header = {"space": "right-anterior-superior", "space directions": np.array([[0.5, 0, 0], [0, 0.25, 0]]),
+              "space origin": np.array([1.0, 2.0, 3.0]), "kinds": ["domain", "domain"]}
+    nrrd.write(str(tmp_path / "ras2d.nrrd"), np.ones((6, 4), np.uint8), header, index_order="F")
+    array, matrix = volume_io.read_volume(tmp_path / "ras2d.nrrd")
+    assert array.shape == (1, 4, 6)
+    np.testing.assert_allclose(matrix, [[0.5, 0, 0, 1], [0, 0.25, 0, 2], [0, 0, 1, 3], [0, 0, 0, 1]])
+    nib.save(nib.Nifti1Image(np.ones((6, 4), np.uint8), np.diag([2.0, 3.0, 1.0, 1.0])), str(tmp_path / "flat.nii"))
+    assert volume_io.read_volume(tmp_path / "flat.nii")[0].shape == (1, 4, 6)
+
+
+def test_result_on_another_grid_is_refused_or_resampled(tmp_path: Path) -> None:
+    shape, matrix = (4, 6, 5), oblique_matrix()
+    mask = np.zeros(shape, np.uint8)
+    mask[1:3, 2:5, 1:4] = 1
+    # The same voxels stored with the i axis reversed: another grid, same physical positions.
+    flipped = matrix.copy()
+    flipped[:3, 0] *= -1
+    flipped[:3, 3] = matrix[:3, :3] @ [shape[2] - 1, 0, 0] + matrix[:3, 3]
+    path = volume_io.write_volume(tmp_path / "flipped.nii.gz", mask[:, :, ::-1], flipped)
+    with pytest.raises(volume_io.GridMismatchError, match="not on the input's grid"):
+        volume_io.read_on_grid(path, shape, matrix)
+    np.testing.assert_array_equal(volume_io.read_on_grid(path, shape, matrix, allow_resample=True), mask)
+    nearly = volume_io.write_volume(tmp_path / "nearly.nrrd", mask, matrix + 1e-7)  # rounding: the same grid
+    np.testing.assert_array_equal(volume_io.read_on_grid(nearly, shape, matrix), mask)
+    with pytest.raises(volume_io.GridMismatchError, match=r"shape \(4, 6, 4\) vs \(4, 6, 5\)"):
+        volume_io.read_on_grid(volume_io.write_volume(tmp_path / "small.nii", mask[..., :4], matrix), shape, matrix)
+
+
+def test_volume_io_rejects_what_it_cannot_store(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="singular"):
+        volume_io.write_volume(tmp_path / "a.nii", np.zeros((2, 2, 2)), np.diag([1.0, 0.0, 1.0, 1.0]))
+    with pytest.raises(ValueError, match=r"\.nii, \.nii\.gz or \.nrrd"):
+        volume_io.write_volume(tmp_path / "a.png", np.zeros((2, 2, 2)), np.eye(4))
+    with pytest.raises(FileNotFoundError):
+        volume_io.read_volume(tmp_path / "missing.nrrd")
+    rgb = np.stack([np.full((1, 3, 4), v, np.uint8) for v in (30, 60, 90)], axis=-1)  # (K, J, I, C) picture
+    np.testing.assert_allclose(volume_io.to_scalar(rgb), np.full((1, 3, 4), 60.0))
+
+
+# --- segment naming and colours ------------------------------------------------------------------------------
+
+
+def test_segment_name_is_short_single_line_and_readable() -> None:
+    assert segments.segment_name("  lesion in the\nleft lung.  ") == "lesion in the left lung"
+    name = segments.segment_name(PROMPT)
+    assert len(name) <= segments.MAX_NAME_LENGTH and "\n" not in name and name.endswith("\u2026")
+    assert PROMPT.startswith(name[:-1].rstrip(","))
+    assert segments.segment_name("x" * 100, max_length=20) == "x" * 19 + "\u2026"
+    with pytest.raises(ValueError, match="prompt is empty"):
+        segments.segment_name(" \n ")
+
+
+def test_segment_colour_is_stable_per_prompt() -> None:
+    colour = segments.segment_color(PROMPT)
+    assert colour in segments.PALETTE
+    assert segments.segment_color("  " + PROMPT.upper().replace(" ", "  ")) == colour
+    # Fixed by SHA-256, not by Python's per-process hash(): the same in another interpreter.
+    code = f"import sys; sys.path.insert(0, {str(MODULE_DIR)!r}); from TextPromptSegmentationLib import segments; " \
+           f"print(segments.PALETTE.index(segments.segment_color({PROMPT!r})))"
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert int(other.stdout) == segments.PALETTE.index(colour)
+    assert len({segments.segment_color(p) for p in EXAMPLE_PROMPTS + ("tumour", "nodule", "effusion")}) > 2
+
+
+# --- request and dependencies --------------------------------------------------------------------------------
+
+
+def test_request_validates_with_messages_that_teach() -> None:
+    with pytest.raises(ValueError, match="prompt is empty"):
+        SegmentationRequest("   ")
+    with pytest.raises(ValueError, match="device must be auto, cpu, cuda or cuda:N, got 'gpu'"):
+        SegmentationRequest("x", device="gpu")
+    with pytest.raises(ValueError, match="threshold must be between 0 and 1"):
+        SegmentationRequest("x", threshold=1.0)
+    assert SegmentationRequest("x", device="cuda:1", checkpoint=" ").checkpoint is None
+
+
+def test_job_folder_and_predict_command(tmp_path: Path) -> None:
+    prompt = 'left, right; "quoted" lesion'  # commas and quotes travel in a file, never on a command line
+    request = SegmentationRequest(prompt, device="cpu", threshold=0.3, checkpoint="/w/model.pt")
+    job = prepare_job(tmp_path / "job", request, np.zeros((2, 3, 4), np.int16), oblique_matrix())
+    record = json.loads(job.request_file.read_text())
+    assert record["prompt"] == prompt and record["device"] == "cpu" and record["threshold"] == 0.3
+    assert record["input"] == str(job.input_file) and job.input_file.is_file()
+    assert Path(record["prompt_file"]).read_text().strip() == prompt
+    command = build_predict_command("/opt/python", job.request_file)
+    assert command[:5] == ["/opt/python", "-m", "causalclipseg.cli", "predict", str(job.input_file)]
+    options = dict(zip(command[5::2], command[6::2], strict=False))
+    assert options["--prompt-file"] == record["prompt_file"] and options["--output-dir"] == str(job.output_dir)
+    assert options["--device"] == "cpu" and float(options["--threshold"]) == 0.3
+    assert "--overwrite" in command and command[-2:] == ["--checkpoint", "/w/model.pt"]
+    assert prompt not in command
+    assert job.mask_file == job.output_dir / "input_mask.nii.gz"
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(ValueError, match="lacks prompt"):
+        build_predict_command("python", tmp_path / "bad.json")
+
+
+def test_child_environment_drops_slicer_python_settings_for_another_interpreter() -> None:
+    base = {"PYTHONHOME": "/slicer", "PYTHONPATH": "/slicer/lib", "PATH": "/bin"}
+    assert "PYTHONHOME" not in child_environment(base, own_interpreter=False)
+    assert child_environment(base, own_interpreter=False)["PATH"] == "/bin"
+    assert child_environment(base, own_interpreter=True)["PYTHONHOME"] == "/slicer"
+
+
+def test_install_pins_what_slicer_ships(tmp_path: Path) -> None:
+    versions = {"numpy": "1.26.4", "vtk": "9.3.0"}
+
+    def version_of(name: str) -> str:
+        if name not in versions:
+            import importlib.metadata
+
+            raise importlib.metadata.PackageNotFoundError(name)
+        return versions[name]
+
+    path = dependencies.write_constraints(tmp_path / "c.txt", ("numpy", "vtk", "SimpleITK"), version_of)
+    lines = [line for line in path.read_text().splitlines() if not line.startswith("#")]
+    assert lines == ["numpy==1.26.4", "vtk==9.3.0"]
+    real = dependencies.write_constraints(tmp_path / "real.txt")
+    assert f"numpy=={np.__version__}" in real.read_text()
+    args = dependencies.pip_install_arguments(["causalclipseg", "nibabel"], path)
+    assert args == ["causalclipseg", "nibabel", "--constraint", str(path)]
+    with pytest.raises(ValueError, match="not options"):
+        dependencies.pip_install_arguments(["--upgrade", "numpy"], path)
+    found = {"nibabel"}
+    missing = dependencies.missing_requirements({"nibabel": "nibabel", "nrrd": "pynrrd", "causalclipseg": "/w/pkg"},
+                                                find_spec=lambda m: object() if m in found else None)
+    assert missing == ["pynrrd", "/w/pkg"]
+
+
+# --- process runner ------------------------------------------------------------------------------------------
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie waiting for a reaper counts as gone)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state not in ("Z", "X")
+
+
+def test_runner_streams_lines_and_progress() -> None:
+    code = ("import sys, time\nprint('loading model')\nfor p in (20, 60, 100):\n"
+            "    sys.stderr.write(f'\\rpredict: {p:3d}%|###| {p}/100'); sys.stderr.flush(); time.sleep(0.05)\n"
+            "print('done')")
+    runner = ProcessRunner([sys.executable, "-c", code])
+    runner.start()
+    updates = []
+    assert runner.wait(timeout=30, on_update=updates.append) is RunState.SUCCEEDED
+    lines = [line for u in updates for line in u.lines]
+    assert "loading model" in lines and "done" in lines
+    assert [parse_progress(line) for line in lines if parse_progress(line) is not None] == [0.2, 0.6, 1.0]
+    runner.raise_for_status()
+
+
+def test_runner_surfaces_the_commands_error_line() -> None:
+    code = "import sys; print('predict: 50%|##| 1/2', file=sys.stderr); print('error: prompt is empty', " \
+           "file=sys.stderr); sys.exit(2)"
+    runner = ProcessRunner([sys.executable, "-c", code])
+    runner.start()
+    assert runner.wait(timeout=30) is RunState.FAILED
+    with pytest.raises(ProcessFailedError, match="^prompt is empty$") as info:
+        runner.raise_for_status()
+    assert info.value.returncode == 2
+    crash = ProcessRunner([sys.executable, "-c", "raise RuntimeError('CUDA out of memory')"])
+    crash.start()
+    crash.wait(timeout=30)
+    with pytest.raises(ProcessFailedError, match="^RuntimeError: CUDA out of memory$"):
+        crash.raise_for_status()
+    with pytest.raises(FileNotFoundError, match="program not found"):
+        ProcessRunner(["/no/such/python"]).start()
+
+
+def test_cancel_kills_the_whole_process_tree() -> None:
+    grandchild_code = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(120)"
+    code = ("import subprocess, sys, time\n"
+            f"g = subprocess.Popen([sys.executable, '-c', {grandchild_code!r}])\n"
+            "print(g.pid, flush=True)\ntime.sleep(120)")
+    runner = ProcessRunner([sys.executable, "-c", code])
+    runner.start()
+    deadline, lines = time.monotonic() + 30, []
+    while not lines and time.monotonic() < deadline:
+        lines = runner.poll().lines
+        time.sleep(0.05)
+    child, grandchild = runner.pid, int(lines[0])
+    assert _alive(child) and _alive(grandchild)
+    runner.cancel(grace=2.0)
+    assert runner.wait(timeout=10) is RunState.CANCELLED
+    deadline = time.monotonic() + 5
+    while (_alive(child) or _alive(grandchild)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(child) and not _alive(grandchild)
+    runner.raise_for_status()  # a cancelled run is not an error
+
+
+def test_runner_wait_times_out_and_background_call_reports_outcomes() -> None:
+    runner = ProcessRunner([sys.executable, "-c", "import time; time.sleep(30)"])
+    runner.start()
+    with pytest.raises(TimeoutError, match="still running"):
+        runner.wait(timeout=0.2)
+    runner.cancel()
+    ok = BackgroundCall(lambda x: x * 2, 21)
+    ok.start()
+    assert ok.wait(timeout=10) is RunState.SUCCEEDED and ok.result() == 42
+    bad = BackgroundCall(monailabel_client.normalise_url, "")
+    bad.start()
+    assert bad.wait(timeout=10) is RunState.FAILED
+    with pytest.raises(ValueError, match="URL is empty"):
+        bad.result()
+    slow = BackgroundCall(time.sleep, 5)
+    slow.start()
+    slow.cancel()
+    assert slow.poll().state is RunState.CANCELLED
+    with pytest.raises(RuntimeError, match="cancelled"):
+        slow.result()
+
+
+# --- MONAI Label client against a fake server ---------------------------------------------------------------
+
+
+class _FakeMonaiLabel(BaseHTTPRequestHandler):
+    """/info/ and /infer/<model>; a model name picks a failure."""
+
+    label: bytes = b""
+    received: dict = {}
+
+    def log_message(self, *args: object) -> None:  # keep pytest output clean
+        pass
+
+    def _send(self, code: int, body: bytes, content_type: str, headers: dict | None = None) -> None:
+        self.send_response(code)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        for key, value in (headers or {}).items():
+            self.send_header(key, value)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        if self.path == "/info/":
+            self._send(200, json.dumps({"name": "fake", "models": {"causalclipseg": {}}}).encode(), "application/json")
+        else:
+            self._send(200, b"<html>not MONAI Label</html>", "text/html")
+
+    def do_POST(self) -> None:  # noqa: N802
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        model = self.path.split("/")[2].split("?")[0]
+        _FakeMonaiLabel.received = {"path": self.path, "body": body, "type": self.headers["Content-Type"]}
+        if model == "causalclipseg":
+            self._send(200, self.label, "application/octet-stream",
+                       {"Content-Disposition": 'attachment; filename="result.nii.gz"'})
+        elif model == "broken":
+            self._send(500, json.dumps({"detail": "Failed to execute infer"}).encode(), "application/json")
+        elif model == "invalid":
+            self._send(422, json.dumps({"detail": [{"loc": ["body"], "msg": "field required"}]}).encode(),
+                       "application/json")
+        elif model == "jsononly":
+            self._send(200, json.dumps({"label_names": {}}).encode(), "application/json")
+        elif model == "slow":
+            time.sleep(1.5)
+            self._send(200, b"late", "application/octet-stream")
+        else:
+            self._send(404, b"Not Found", "text/plain")
+
+
+@pytest.fixture
+def fake_server() -> Iterator[str]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _FakeMonaiLabel)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_monailabel_info_and_infer(tmp_path: Path, fake_server: str) -> None:
+    assert monailabel_client.available_models(monailabel_client.info(fake_server + "/")) == ["causalclipseg"]
+    shape, matrix = (3, 8, 7), oblique_matrix()
+    image = volume_io.write_volume(tmp_path / "image.nii.gz", np.ones(shape, np.int16), matrix)
+    mask = np.zeros(shape, np.uint8)
+    mask[1, 2:5, 3:6] = 1
+    _FakeMonaiLabel.label = volume_io.write_volume(tmp_path / "srv.nii.gz", mask, matrix).read_bytes()
+    result = monailabel_client.infer(fake_server.removeprefix("http://"), "causalclipseg", image,
+                                     {"prompt": PROMPT, "device": "cuda"}, tmp_path / "out", timeout=10)
+    assert result.name == "label.nii.gz"
+    np.testing.assert_array_equal(volume_io.read_on_grid(result, shape, matrix), mask)
+    sent = _FakeMonaiLabel.received
+    assert sent["path"] == "/infer/causalclipseg?output=image" and sent["type"].startswith("multipart/form-data")
+    assert json.dumps({"prompt": PROMPT, "device": "cuda"}).encode() in sent["body"]
+    assert image.read_bytes() in sent["body"] and b'filename="image.nii.gz"' in sent["body"]
+
+
+@pytest.mark.parametrize("model, message", [
+    ("broken", r"refused to run model 'broken': HTTP 500 Internal Server Error: Failed to execute infer$"),
+    ("invalid", r"HTTP 422 Unprocessable Entity: field required$"),
+    ("missing", r"HTTP 404 Not Found: Not Found$"),
+    ("jsononly", r"returned no label image"),
+    ("slow", r"did not answer within 0.3 s"),
+])
+def test_monailabel_errors_are_one_readable_line(tmp_path: Path, fake_server: str, model: str, message: str) -> None:
+    image = volume_io.write_volume(tmp_path / "image.nii.gz", np.ones((1, 4, 4), np.int16), np.eye(4))
+    with pytest.raises(monailabel_client.ServerError, match=message) as info:
+        monailabel_client.infer(fake_server, model, image, {"prompt": "x"}, tmp_path, timeout=0.3)
+    assert "\n" not in str(info.value) and fake_server in str(info.value)
+
+
+def test_monailabel_down_or_not_a_server(fake_server: str) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with pytest.raises(monailabel_client.ServerError, match="connection refused. Is it running?"):
+        monailabel_client.info(f"http://127.0.0.1:{port}", timeout=5)
+    with pytest.raises(monailabel_client.ServerError, match="not JSON: is it a MONAI Label server"):
+        monailabel_client.info(fake_server + "/elsewhere", timeout=5)
+    with pytest.raises(ValueError, match="must look like http://host:port"):
+        monailabel_client.normalise_url("ftp://server")
+
+
+# --- the local backend end to end, with the package's real CLI ------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import torch
+
+    from causalclipseg import create_model
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("weights") / "tiny_random.pt"
+    torch.save(create_model("tiny").state_dict(), path)
+    return path
+
+
+@pytest.mark.parametrize("shape", [(3, 40, 36), (1, 48, 40)], ids=["3d", "2d"])
+def test_local_backend_end_to_end(tmp_path: Path, tiny_checkpoint: Path, shape: tuple[int, int, int]) -> None:
+    """Volume -> job folder -> ``causalclipseg predict`` in a subprocess -> mask on the input's exact grid."""
+    rng = np.random.default_rng(0)
+    array = rng.normal(0, 100, shape).astype(np.float32)
+    matrix = oblique_matrix()
+    request = SegmentationRequest(PROMPT, device="cpu", threshold=0.5, model="tiny", checkpoint=str(tiny_checkpoint))
+    job = prepare_job(tmp_path / "job", request, array, matrix)
+    runner = ProcessRunner(build_predict_command(sys.executable, job.request_file),
+                           env=child_environment(os.environ, own_interpreter=True))
+    runner.start()
+    state = runner.wait(timeout=120)
+    assert state is RunState.SUCCEEDED, runner.output
+    mask = volume_io.read_on_grid(job.mask_file, shape, matrix)  # strict: same shape and matrix
+    assert mask.shape == shape and set(np.unique(mask)) <= {0, 1}
+
+
+def test_local_backend_surfaces_cli_errors(tmp_path: Path) -> None:
+    job = prepare_job(tmp_path / "job", SegmentationRequest("lesion", device="cpu", checkpoint=str(tmp_path / "no.pt"),
+                                                            model="tiny"), np.zeros((1, 8, 8), np.float32), np.eye(4))
+    runner = ProcessRunner(build_predict_command(sys.executable, job.request_file))
+    runner.start()
+    assert runner.wait(timeout=120) is RunState.FAILED
+    with pytest.raises(ProcessFailedError, match="checkpoint not found"):
+        runner.raise_for_status()
