@@ -24,6 +24,7 @@ setup(
         "nibabel>=5",
         "pydicom>=2.4",
         "pynrrd",
+        "fire",
         "numpy",
         "pillow",
         "openpyxl",
@@ -32,7 +33,7 @@ setup(
         "safetensors",
     ],
     extras_require={
-        "test": ["pytest>=7", "fvcore", "jsonschema", "fire", "ruff"],
+        "test": ["pytest>=7", "fvcore", "jsonschema", "ruff"],
     },
     entry_points={"console_scripts": ["causalclipseg=causalclipseg.cli:main"]},
 )

@@ -31,6 +31,7 @@ from monai.transforms import (
     Compose,
     EnsureChannelFirstd,
     EnsureTyped,
+    LoadImage,
     LoadImaged,
     MapTransform,
     NormalizeIntensity,
@@ -64,6 +65,7 @@ __all__ = [
     "RandLateralFlipd",
     "TokenizeText",
     "TokenizeTextd",
+    "LoadSegmentableImaged",
     "get_inference_transforms",
     "get_slice_preprocessing",
     "get_load_transforms",
@@ -274,6 +276,47 @@ class RandLateralFlipd(RandFlipd):
         d = super().inverse(d)
         if flipped:
             self._swap_prompt(d)
+        return d
+
+
+class LoadSegmentableImaged(MapTransform):
+    """Read an image file or DICOM series into what the slice-wise network takes, on its own grid (no resampling).
+
+    MONAI's ``LoadImage`` reads it (PNG/JPEG/BMP/TIFF, DICOM file or series folder, NIfTI, NRRD) channel first with
+    its metadata (affine, file name); 2-D inputs (and volumes with one slice) become grayscale ``(1, X, Y)``
+    (colour merged, alpha dropped, as in training); volumes stay ``(1, X, Y, Z)``, segmented slice by slice along Z.
+
+    Raises:
+        ValueError: for an unreadable file, a multi-channel volume or non-finite pixel values, naming the file.
+    """
+
+    def __init__(self, keys: str | Sequence[str] = "image", allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.loader = LoadImage(image_only=True, ensure_channel_first=True)
+        self.grayscale = Grayscale2D("mean")
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            source = d[key]
+            try:
+                img = self.loader(source)
+            except Exception as err:  # noqa: BLE001 - readers raise many types; all mean "unreadable"
+                reason = (str(err.__cause__ or err).strip().splitlines() or [type(err).__name__])[-1]
+                raise ValueError(f"cannot read {source}: {reason}") from err
+            spatial = [s for s in img.shape[1:]]
+            while len(spatial) > 2 and spatial[-1] == 1:
+                spatial.pop()
+            if len(spatial) == 2:
+                img = self.grayscale(img)
+            elif len(spatial) == 3 and img.shape[0] == 1:
+                img = img.reshape(1, *spatial).float()
+            else:
+                raise ValueError(f"cannot segment {source}: expected a 2-D image or a single-channel 3-D volume, got "
+                                 f"{img.shape[0]} channel(s) of shape {tuple(img.shape[1:])}")
+            if not torch.isfinite(img).all():
+                raise ValueError(f"cannot segment {source}: it contains NaN or infinite pixel values")
+            d[key] = img
         return d
 
 

@@ -20,11 +20,10 @@ import torch
 import torch.nn.functional as F
 from monai.data import NibabelWriter
 from monai.inferers import SliceInferer
-from monai.transforms import LoadImage
 from PIL import Image
 from torch import nn
 
-from ..data.transforms import Grayscale2D, get_slice_preprocessing
+from ..data.transforms import LoadSegmentableImaged, get_slice_preprocessing
 from ..factory import DEFAULT_CHECKPOINT, DEFAULT_MODEL, create_model
 from ..model.causalclipseg import CausalCLIPSeg
 from .checkpoint import atomic_write
@@ -146,24 +145,7 @@ class Predictor:
         self.model = load_trained_model(model, checkpoint, pretrained, device)
         self.threshold = threshold
         self.batch_size = batch_size
-        self.loader = LoadImage(image_only=True, ensure_channel_first=True)
-
-    def _load(self, path: Path) -> torch.Tensor:
-        """(1, X, Y) for 2-D inputs (colour merged), (1, X, Y, Z) for volumes."""
-        try:
-            image = self.loader(str(path))
-        except Exception as err:  # noqa: BLE001 - readers raise many types; all mean "unreadable"
-            reason = (str(err).strip().splitlines() or [type(err).__name__])[-1]
-            raise ValueError(f"cannot read {path}: {reason}") from err
-        spatial = [s for s in image.shape[1:]]
-        while len(spatial) > 2 and spatial[-1] == 1:
-            spatial.pop()
-        if len(spatial) == 2:
-            return Grayscale2D()(image.reshape(image.shape[0], *spatial))
-        if len(spatial) == 3 and image.shape[0] == 1:
-            return image.reshape(1, *spatial)
-        raise ValueError(f"cannot segment {path}: expected a 2-D image or a single-channel 3-D volume, got "
-                         f"{image.shape[0]} channel(s) of shape {tuple(image.shape[1:])}")
+        self.loader = LoadSegmentableImaged("image")
 
     @torch.no_grad()
     def predict(self, path: str | os.PathLike, prompt: str) -> Prediction:
@@ -174,9 +156,7 @@ class Predictor:
         """
         path = Path(path)
         segmenter = SliceSegmenter(self.model, prompt)  # validates the prompt before any file work
-        image = self._load(path)
-        if not torch.isfinite(image).all():
-            raise ValueError(f"cannot segment {path}: it contains NaN or infinite pixel values")
+        image = self.loader({"image": str(path)})["image"]  # (1, X, Y) or (1, X, Y, Z), finite
         if image.ndim == 3:  # (1, X, Y): one slice
             logits = segmenter(image[None])[0]
         else:  # (1, X, Y, Z): slices along z, in batches

@@ -40,7 +40,7 @@ from .evaluation import evaluate_model
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TrainConfig", "train", "resolve_device", "reversal_coefficient"]
+__all__ = ["TrainConfig", "train", "resolve_device", "reversal_coefficient", "param_groups"]
 
 
 @dataclass
@@ -139,7 +139,7 @@ class _Best:
         self.dice, self.epoch = float(state["dice"]), int(state["epoch"])
 
 
-def _param_groups(model: torch.nn.Module, lr: float, encoder_scale: float, weight_decay: float) -> list[dict]:
+def param_groups(model: torch.nn.Module, lr: float, encoder_scale: float, weight_decay: float) -> list[dict]:
     encoder_ids = {id(p) for p in (*model.image_encoder.parameters(), *model.text_encoder.parameters())}
     encoders = [p for p in model.parameters() if id(p) in encoder_ids]
     rest = [p for p in model.parameters() if id(p) not in encoder_ids]
@@ -238,7 +238,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     model = model.to(memory_format=torch.channels_last)
     train_loader, val_loader = _loaders(cfg, model.config.clip.context_length, model.config.image_size)
     encoder_scale = cfg.encoder_lr_scale if cfg.encoder_lr_scale is not None else (0.1 if cfg.pretrained else 1.0)
-    optimizer = torch.optim.AdamW(_param_groups(model, cfg.lr, encoder_scale, cfg.weight_decay))
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.lr, encoder_scale, cfg.weight_decay))
     total = cfg.epochs * len(train_loader)
 
     def lr_factor(it: int) -> float:
