@@ -20,7 +20,7 @@ import logging
 import os
 import sys
 import warnings
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,14 +28,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from ignite.engine import Engine, Events
-from monai.data import MetaTensor
-from monai.inferers import Inferer, SliceInferer
 from monai.transforms import MapTransform, SaveImage
 from monai.utils import ImageMetaKey
 from torch import nn
 
 from .data.transforms import LoadSegmentableImaged, get_slice_preprocessing
-from .engine.inference import IMAGE_SUFFIXES, find_images
+from .engine.inference import IMAGE_SUFFIXES, SliceWiseInferer, find_images
 from .engine.training import param_groups, reversal_coefficient
 from .factory import DEFAULT_MODEL, create_model
 from .losses import CausalSegLoss
@@ -300,42 +298,6 @@ class ExportNetwork(nn.Module):
     def forward(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         """image (B, 3, S, S) preprocessed, text (B, L) token ids -> logits (B, 1, S, S)."""
         return self.traced(image, text)
-
-
-class SliceWiseInferer(Inferer):
-    """2-D inputs ``(B, C, X, Y)`` in one call; volumes ``(B, C, X, Y, Z)`` slice by slice along ``Z`` in batches.
-
-    MONAI's ``SliceInferer`` (run with whole slices as windows) moves ``sw_batch_size`` slices at a time through the
-    network, so memory grows with the batch, not with the number of slices, beyond the output volume itself. The
-    output keeps the input's metadata (affine, file name), so writers put it on the input's grid.
-
-    Args:
-        sw_batch_size: slices per forward pass.
-        progress: show a progress bar over a volume's slice batches.
-    """
-
-    def __init__(self, sw_batch_size: int = 8, progress: bool = True) -> None:
-        super().__init__()
-        if sw_batch_size < 1:
-            raise ValueError(f"sw_batch_size must be >= 1, got {sw_batch_size}")
-        self.sw_batch_size = sw_batch_size
-        self.progress = progress
-
-    def __call__(self, inputs: torch.Tensor, network: Callable[..., torch.Tensor], *args: Any,
-                 **kwargs: Any) -> torch.Tensor:
-        """inputs (B, C, X, Y[, Z]) -> logits (B, 1, X, Y[, Z]); extra arguments go to the network."""
-        if inputs.ndim == 4:
-            logits = network(inputs, *args, **kwargs)
-        elif inputs.ndim == 5:
-            slices = inputs.shape[-1]
-            inferer = SliceInferer(roi_size=tuple(inputs.shape[2:4]), sw_batch_size=self.sw_batch_size, spatial_dim=2,
-                                   progress=self.progress and slices > self.sw_batch_size)
-            logits = inferer(inputs, network, *args, **kwargs)
-        else:
-            raise ValueError(f"inputs must be (B, C, X, Y) or (B, C, X, Y, Z), got shape {tuple(inputs.shape)}")
-        if isinstance(inputs, MetaTensor):
-            logits = MetaTensor(logits.as_subclass(torch.Tensor)).copy_meta_from(inputs)
-        return logits
 
 
 class SaveMaskd(MapTransform):

@@ -1,25 +1,27 @@
 """Prompted prediction on files: 2-D images and 3-D volumes, slice by slice, on the input's grid.
 
-The walk from file to mask: ``monai.transforms.LoadImage`` (PNG/JPEG/BMP/TIFF, DICOM, NIfTI, NRRD; MONAI's
+The walk from file to mask: ``LoadSegmentableImaged`` (PNG/JPEG/BMP/TIFF, DICOM, NIfTI, NRRD; MONAI's
 axis order, x first) -> :class:`SliceSegmenter` (per slice: min-max to [0, 1], resize to the model size,
 CLIP normalisation -> ``CausalCLIPSeg.forward`` with the bound prompt -> logits resized back) run by MONAI's
-``SliceInferer`` in batches of slices -> sigmoid -> threshold -> writer with the input's geometry. Outputs
-are written atomically and never replace an existing file unless asked to.
+``SliceInferer`` in batches of slices (:class:`SliceWiseInferer`) -> sigmoid -> threshold -> writer with the
+input's geometry. Outputs are written atomically and never replace an existing file unless asked to.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
 import torch
 import torch.nn.functional as F
-from monai.data import NibabelWriter
-from monai.inferers import SliceInferer
+from monai.data import MetaTensor, NibabelWriter
+from monai.inferers import Inferer, SliceInferer
 from PIL import Image
 from torch import nn
 
@@ -31,7 +33,8 @@ from .training import resolve_device
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SliceSegmenter", "Prediction", "Predictor", "IMAGE_SUFFIXES", "find_images", "load_trained_model"]
+__all__ = ["SliceSegmenter", "SliceWiseInferer", "Prediction", "Predictor", "IMAGE_SUFFIXES", "find_images",
+           "load_trained_model"]
 
 PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 IMAGE_SUFFIXES = PICTURE_SUFFIXES + (".dcm", ".nii", ".nii.gz", ".nrrd")
@@ -109,6 +112,42 @@ class SliceSegmenter(nn.Module):
         return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False).to(x.device)
 
 
+class SliceWiseInferer(Inferer):
+    """2-D inputs ``(B, C, X, Y)`` in one call; volumes ``(B, C, X, Y, Z)`` slice by slice along ``Z`` in batches.
+
+    MONAI's ``SliceInferer`` (run with whole slices as windows) moves ``sw_batch_size`` slices at a time through the
+    network, so memory grows with the batch, not with the number of slices, beyond the output volume itself. The
+    output keeps the input's metadata (affine, file name), so writers put it on the input's grid.
+
+    Args:
+        sw_batch_size: slices per forward pass.
+        progress: show a progress bar over a volume's slice batches.
+    """
+
+    def __init__(self, sw_batch_size: int = 8, progress: bool = True) -> None:
+        super().__init__()
+        if sw_batch_size < 1:
+            raise ValueError(f"sw_batch_size must be >= 1, got {sw_batch_size}")
+        self.sw_batch_size = sw_batch_size
+        self.progress = progress
+
+    def __call__(self, inputs: torch.Tensor, network: Callable[..., torch.Tensor], *args: Any,
+                 **kwargs: Any) -> torch.Tensor:
+        """inputs (B, C, X, Y[, Z]) -> logits (B, 1, X, Y[, Z]); extra arguments go to the network."""
+        if inputs.ndim == 4:
+            logits = network(inputs, *args, **kwargs)
+        elif inputs.ndim == 5:
+            slices = inputs.shape[-1]
+            inferer = SliceInferer(roi_size=tuple(inputs.shape[2:4]), sw_batch_size=self.sw_batch_size, spatial_dim=2,
+                                   progress=self.progress and slices > self.sw_batch_size)
+            logits = inferer(inputs, network, *args, **kwargs)
+        else:
+            raise ValueError(f"inputs must be (B, C, X, Y) or (B, C, X, Y, Z), got shape {tuple(inputs.shape)}")
+        if isinstance(inputs, MetaTensor):
+            logits = MetaTensor(logits.as_subclass(torch.Tensor)).copy_meta_from(inputs)
+        return logits
+
+
 @dataclass
 class Prediction:
     """A prediction on the input's grid (MONAI axis order: x = image columns first)."""
@@ -157,12 +196,7 @@ class Predictor:
         path = Path(path)
         segmenter = SliceSegmenter(self.model, prompt)  # validates the prompt before any file work
         image = self.loader({"image": str(path)})["image"]  # (1, X, Y) or (1, X, Y, Z), finite
-        if image.ndim == 3:  # (1, X, Y): one slice
-            logits = segmenter(image[None])[0]
-        else:  # (1, X, Y, Z): slices along z, in batches
-            inferer = SliceInferer(roi_size=tuple(image.shape[1:3]), sw_batch_size=self.batch_size, spatial_dim=2,
-                                   progress=image.shape[-1] > self.batch_size)
-            logits = inferer(image[None], segmenter)[0]
+        logits = SliceWiseInferer(self.batch_size)(image[None], segmenter)[0]  # (1, X, Y[, Z])
         probability = torch.sigmoid(logits[0].as_subclass(torch.Tensor)).numpy().astype(np.float32)
         gray = image[0].as_subclass(torch.Tensor).numpy().astype(np.float32)
         gray = (gray - gray.min()) / max(float(gray.max() - gray.min()), 1e-8)
