@@ -34,6 +34,9 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=7", "fvcore", "jsonschema", "ruff"],
+        # MONAI Label app (monailabel_app/): 0.8.5 starts only with pydicom 2, dicomweb-client 0.59.1, pynetdicom 2
+        "monailabel": ["monailabel==0.8.5", "pydicom>=2.4,<3", "dicomweb-client[gcp]==0.59.1", "pynetdicom<3",
+                       "psutil"],
     },
     entry_points={"console_scripts": ["causalclipseg=causalclipseg.cli:main"]},
 )

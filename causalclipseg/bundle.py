@@ -28,12 +28,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from ignite.engine import Engine, Events
+from monai.data import PILWriter
 from monai.transforms import MapTransform, SaveImage
 from monai.utils import ImageMetaKey
 from torch import nn
 
 from .data.transforms import LoadSegmentableImaged, get_slice_preprocessing
-from .engine.inference import IMAGE_SUFFIXES, SliceWiseInferer, find_images
+from .engine.checkpoint import atomic_write
+from .engine.inference import IMAGE_SUFFIXES, GridNibabelWriter, SliceWiseInferer, find_images, inference_ready
 from .engine.training import param_groups, reversal_coefficient
 from .factory import DEFAULT_MODEL, create_model
 from .losses import CausalSegLoss
@@ -62,6 +64,14 @@ def _raw_cli_value(key: str, argv: Sequence[str]) -> str | None:
     return value
 
 
+def _names_a_file(text: str) -> bool:
+    """Whether ``text`` is the path of an existing file (a prompt file passed as the prompt by mistake)."""
+    try:
+        return len(text) < 4096 and Path(text.strip()).is_file()
+    except (OSError, ValueError):  # not a possible path (NUL byte, too long)
+        return False
+
+
 def resolve_prompt(prompt: object = None, prompt_file: str | os.PathLike | None = None, key: str = "prompt",
                    argv: Sequence[str] | None = None) -> str:
     """The prompt text, from a file or from the config / command line, intact.
@@ -79,7 +89,8 @@ def resolve_prompt(prompt: object = None, prompt_file: str | os.PathLike | None 
         argv: the command line; ``sys.argv`` by default.
 
     Raises:
-        ValueError: if the file cannot be read, or the prompt is empty.
+        ValueError: if the file cannot be read, the prompt is empty, is the name of a file (use ``prompt_file``),
+            or breaks the prompt policy of :func:`causalclipseg.tokenizer.validate_prompt`.
     """
     if prompt_file:
         try:
@@ -100,6 +111,9 @@ def resolve_prompt(prompt: object = None, prompt_file: str | os.PathLike | None 
         where = key
     if not isinstance(text, str) or not text.strip():
         raise ValueError(f"{where} must contain text, got {text!r}: set --{key} 'your prompt' or --{key}_file FILE")
+    if not prompt_file and _names_a_file(text):
+        raise ValueError(f"{key} {text.strip()!r} is the name of a file: pass --{key}_file {text.strip()} to read "
+                         f"the prompt from it")
     logger.info("prompt: %r", text)
     return validate_prompt(text)
 
@@ -217,9 +231,9 @@ class BundleNetwork(nn.Module):
     def __init__(self, model_name: str = DEFAULT_MODEL, prompt: str | None = None,
                  pretrained: str | None = None) -> None:
         super().__init__()
-        self.model = create_model(model_name, pretrained=pretrained)
+        self.model = inference_ready(create_model(model_name, pretrained=pretrained))  # channels-last weights
         self.preprocess = get_slice_preprocessing(self.model.config.image_size)
-        self.context_length = self.model.config.clip.context_length
+        self.context_length = self.model.tokenizer.context_length
         tokens = self.model.tokenize(prompt) if prompt is not None else torch.zeros(0, self.context_length)
         self.register_buffer("tokens", tokens.long(), persistent=False)  # (1, L), or (0, L) when unbound
         self.register_state_dict_post_hook(_strip_model_prefix)
@@ -300,12 +314,27 @@ class ExportNetwork(nn.Module):
         return self.traced(image, text)
 
 
+class _AtomicNiftiWriter(GridNibabelWriter):
+    """The NIfTI mask writer, writing through a temporary file renamed into place (never a half-written mask)."""
+
+    def write(self, filename: str | os.PathLike, verbose: bool = False, **kwargs: Any) -> None:
+        atomic_write(filename, lambda tmp: super(_AtomicNiftiWriter, self).write(tmp, verbose=verbose, **kwargs))
+
+
+class _AtomicPNGWriter(PILWriter):
+    """MONAI's PNG writer, writing through a temporary file renamed into place."""
+
+    def write(self, filename: str | os.PathLike, verbose: bool = False, **kwargs: Any) -> None:
+        atomic_write(filename, lambda tmp: super(_AtomicPNGWriter, self).write(tmp, verbose=verbose, **kwargs))
+
+
 class SaveMaskd(MapTransform):
     """Write each mask on its input's grid, named ``<input stem>_mask``: NIfTI always, PNG (0/255) for 2-D inputs.
 
     The mask carries the input's metadata (MONAI's ``affine`` and file name), and nothing was resampled, so the
     NIfTI has the input's shape and affine (direction and spacing included); the PNG has the input picture's
-    rows and columns.
+    rows and columns. Each file is written to a temporary name and renamed into place, so a failure never leaves
+    a half-written mask.
 
     Args:
         keys: the mask key, ``(1, X, Y[, Z])`` in {0, 1}.
@@ -318,8 +347,9 @@ class SaveMaskd(MapTransform):
         super().__init__(keys, allow_missing_keys)
         common = {"output_dir": str(output_dir), "output_postfix": "mask", "separate_folder": False,
                   "print_log": False, "resample": False}
-        self.nifti = SaveImage(output_ext=".nii.gz", output_dtype=np.uint8, **common)
-        self.png = SaveImage(output_ext=".png", output_dtype=np.uint8, scale=255, **common) if png_for_2d else None
+        self.nifti = SaveImage(output_ext=".nii.gz", output_dtype=np.uint8, writer=_AtomicNiftiWriter, **common)
+        self.png = (SaveImage(output_ext=".png", output_dtype=np.uint8, scale=255, writer=_AtomicPNGWriter, **common)
+                    if png_for_2d else None)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)

@@ -15,13 +15,14 @@ from pathlib import Path
 
 from .factory import DEFAULT_MODEL, list_models
 
-__all__ = ["main", "predict_main", "train_main", "evaluate_main"]
+__all__ = ["main", "predict_main", "train_main", "evaluate_main", "compare_main"]
 
 USER_ERRORS = (ValueError, TypeError, FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError)
 
 
 def _fail(message: str) -> int:
-    print(f"error: {message}", file=sys.stderr)
+    """Print ``error: <message>`` as one line on stderr (library messages may span several) and return 2."""
+    print(f"error: {' '.join(str(message).split())}", file=sys.stderr)
     return 2
 
 
@@ -31,7 +32,15 @@ def _read_prompt(args: argparse.Namespace) -> str:
             return Path(args.prompt_file).read_text(encoding="utf-8").strip()
         except (OSError, UnicodeDecodeError) as err:
             raise ValueError(f"cannot read prompt file {args.prompt_file}: {err}") from err
-    return args.prompt
+    text = args.prompt
+    try:
+        names_a_file = bool(text.strip()) and len(text) < 4096 and Path(text.strip()).is_file()
+    except (OSError, ValueError):  # not a possible path (NUL byte, too long)
+        names_a_file = False
+    if names_a_file:
+        raise ValueError(f"the prompt {text.strip()!r} is the name of a file: pass --prompt-file {text.strip()} to "
+                         f"read the prompt from it, or write the prompt itself after --prompt")
+    return text
 
 
 def _model_args(parser: argparse.ArgumentParser) -> None:
@@ -70,12 +79,13 @@ def predict_main(argv: Sequence[str] | None = None) -> int:
     except USER_ERRORS as err:
         return _fail(str(err))
     failures = 0
-    for path in tqdm(files, desc="predict", disable=len(files) < 2):
+    # the bar only on a terminal: redirected, stderr holds nothing but the one-line errors
+    for path in tqdm(files, desc="predict", disable=len(files) < 2 or not sys.stderr.isatty()):
         try:
             written = predictor.write(predictor.predict(path, text), args.output_dir, overwrite=args.overwrite)
         except USER_ERRORS as err:
             failures += 1
-            print(f"error: {err}", file=sys.stderr)
+            _fail(str(err) if str(path) in str(err) else f"{path}: {err}")
             continue
         print(f"{path} -> {', '.join(map(str, written))}")
     return 2 if failures else 0
@@ -86,6 +96,7 @@ _TRAIN_HELP = {
     "output_dir": "run folder: checkpoints, best_model.pt, TensorBoard logs; an existing run there is resumed",
     "model": "model variant",
     "pretrained": "CLIP weights for the encoders: open_clip tag (e.g. openai) or file; omit to train from scratch",
+    "init_checkpoint": "CausalCLIPSeg weights to start from (fine-tuning); applied after --pretrained",
     "encoder_lr_scale": "encoder learning-rate factor; default 0.1 with --pretrained, else 1.0",
     "reversal_max": "final gradient-reversal coefficient of the min-max game",
     "checkpoint_every": "save the resumable state every N iterations (and at each epoch end)",
@@ -94,11 +105,14 @@ _TRAIN_HELP = {
     "num_workers": "data-loader worker processes",
     "device": "auto (CUDA when present), cpu, cuda, cuda:N",
     "amp": "mixed precision on CUDA",
+    "prompt_transform": "none, or empty to train and validate without text (the text ablation)",
 }
 
 
-def _add_dataclass_args(parser: argparse.ArgumentParser, cls: type) -> None:
+def _add_dataclass_args(parser: argparse.ArgumentParser, cls: type, exclude: Sequence[str] = ()) -> None:
     for field in dataclasses.fields(cls):
+        if field.name in exclude:
+            continue
         flag = "--" + field.name.replace("_", "-")
         required = field.default is dataclasses.MISSING
         help_text = _TRAIN_HELP.get(field.name, field.name.replace("_", " "))
@@ -159,7 +173,7 @@ def evaluate_main(argv: Sequence[str] | None = None) -> int:
     try:
         model = load_trained_model(args.model, args.checkpoint, device=args.device)
         records = read_dataset(args.data, args.split)[: args.max_images]
-        transforms = get_val_transforms(model.config.image_size, model.config.clip.context_length,
+        transforms = get_val_transforms(model.config.image_size, model.tokenizer.context_length,
                                         args.prompt_transform)
         loader = DataLoader(Dataset(records, transforms), batch_size=args.batch_size)
         scores = evaluate_model(model, loader, next(model.parameters()).device, progress=True)
@@ -175,6 +189,37 @@ def evaluate_main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def compare_main(argv: Sequence[str] | None = None) -> int:
+    """Train every comparison arm with the same data and budget and tabulate their validation scores."""
+    from .engine.compare import ARMS, compare, format_table
+    from .engine.training import TrainConfig
+    parser = argparse.ArgumentParser(
+        prog="causalclipseg compare", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Side by side, same data and budget: " + "; ".join(f"{k}: {a.label}" for k, a in ARMS.items())
+                    + ". Each arm is a training run (resumable) in OUTPUT_DIR/<arm>_seed<N>; the validation scores "
+                      "of each run's best epoch go to OUTPUT_DIR/comparison.json and comparison.md.")
+    _add_dataclass_args(parser, TrainConfig, exclude=("model", "prompt_transform", "seed"))
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS), help="arms to run")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0], help="one run per arm and seed")
+    args = vars(parser.parse_args(argv))
+    arms, seeds = args.pop("arms"), args.pop("seeds")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    try:
+        result = compare(TrainConfig(**args), arms, seeds)
+    except USER_ERRORS as err:
+        return _fail(str(err))
+    print(format_table(result))
+    return 0
+
+
+def _benchmark_main(argv: Sequence[str] | None = None) -> int:
+    from .benchmark import main as benchmark_main
+    try:
+        return benchmark_main(argv)
+    except USER_ERRORS as err:
+        return _fail(str(err))
+
+
 def _verify_main(argv: Sequence[str] | None = None) -> int:
     from .data.verify import main as verify_main
     return verify_main(argv)
@@ -185,6 +230,8 @@ VERBS: dict[str, tuple[Callable[[Sequence[str] | None], int], str]] = {
     "train": (train_main, "train or resume a model"),
     "evaluate": (evaluate_main, "score a model under both metric protocols"),
     "verify-data": (_verify_main, "check a dataset before training"),
+    "compare": (compare_main, "train and tabulate the comparison arms on the same data and budget"),
+    "benchmark": (_benchmark_main, "measure speed and memory per config, volumes and training, against a U-Net"),
 }
 
 

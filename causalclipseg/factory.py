@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 
 from .model.causalclipseg import CausalCLIPSeg
 from .model.config import CausalCLIPSegConfig
+from .model.unet import TextFreeUNet, UNetBaselineConfig
 
 logger = logging.getLogger(__name__)
 
@@ -46,10 +47,17 @@ def add_model_config(path: str | os.PathLike) -> None:
     for file in sorted(path.glob("*.json")) if path.is_dir() else [path]:
         data = json.loads(file.read_text(encoding="utf-8"))
         try:
-            CausalCLIPSegConfig.from_dict(data)
+            _parse_config(data)
         except (TypeError, ValueError) as err:
             raise ValueError(f"invalid model config {file}: {err}") from err
         _CONFIGS[file.stem] = data
+
+
+def _parse_config(data: dict[str, Any]) -> CausalCLIPSegConfig | UNetBaselineConfig:
+    """A config with a ``unet`` section is the vision-only baseline; anything else is CausalCLIPSeg."""
+    if "unet" in data:
+        return UNetBaselineConfig.from_dict(data)
+    return CausalCLIPSegConfig.from_dict(data)
 
 
 def list_models() -> list[str]:
@@ -57,7 +65,7 @@ def list_models() -> list[str]:
     return sorted(_CONFIGS)
 
 
-def get_model_config(name: str) -> CausalCLIPSegConfig:
+def get_model_config(name: str) -> CausalCLIPSegConfig | UNetBaselineConfig:
     """Parsed config of a registered variant.
 
     Raises:
@@ -67,7 +75,7 @@ def get_model_config(name: str) -> CausalCLIPSegConfig:
         close = difflib.get_close_matches(name, list(_CONFIGS), n=3, cutoff=0.3)
         hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
         raise ValueError(f"unknown model {name!r}{hint} (available: {', '.join(list_models())})")
-    return CausalCLIPSegConfig.from_dict(_CONFIGS[name])
+    return _parse_config(_CONFIGS[name])
 
 
 def _build_clip(config: CausalCLIPSegConfig, pretrained: str | None) -> torch.nn.Module:
@@ -119,7 +127,7 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return state
 
 
-def _load_checkpoint(model: CausalCLIPSeg, path: str | os.PathLike, name: str) -> None:
+def _load_checkpoint(model: torch.nn.Module, path: str | os.PathLike, name: str) -> None:
     state = load_state_dict(path)
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
@@ -136,8 +144,8 @@ def _load_checkpoint(model: CausalCLIPSeg, path: str | os.PathLike, name: str) -
 
 
 def create_model(name: str = DEFAULT_MODEL, pretrained: str | None = None,
-                 checkpoint: str | os.PathLike | None = None) -> CausalCLIPSeg:
-    """Build a CausalCLIPSeg variant and load its weights.
+                 checkpoint: str | os.PathLike | None = None) -> CausalCLIPSeg | TextFreeUNet:
+    """Build a CausalCLIPSeg variant (or the vision-only ``unet`` baseline) and load its weights.
 
     Args:
         name: a variant from :func:`list_models`.
@@ -153,7 +161,13 @@ def create_model(name: str = DEFAULT_MODEL, pretrained: str | None = None,
         FileNotFoundError: for a missing checkpoint file.
     """
     config = get_model_config(name)
-    model = CausalCLIPSeg(config, _build_clip(config, pretrained))
+    if isinstance(config, UNetBaselineConfig):
+        if pretrained is not None:
+            raise ValueError(f"model {name!r} is the vision-only U-Net baseline: it has no CLIP encoders, so "
+                             f"pretrained={pretrained!r} cannot apply")
+        model = TextFreeUNet(config)
+    else:
+        model = CausalCLIPSeg(config, _build_clip(config, pretrained))
     if checkpoint is not None:
         _load_checkpoint(model, checkpoint, name)
     return model.eval()

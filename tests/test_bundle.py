@@ -24,6 +24,8 @@ from causalclipseg import create_model
 from causalclipseg.bundle import BundleNetwork, list_inputs, resolve_prompt
 from causalclipseg.engine.checkpoint import save_weights
 
+from .conftest import save_dicom
+
 BUNDLE = Path(__file__).resolve().parents[1] / "bundle"
 SCHEMA = Path(__file__).resolve().parents[2] / "shared" / "monai" / "meta_schema_20240725.json"
 PROMPT_A = "bilateral pulmonary infection, two infected areas, lower left lung and lower right lung."
@@ -67,8 +69,7 @@ def _dicom(path: Path, pixels: np.ndarray, modality: str, series_uid: str, **tag
     for key, value in tags.items():
         setattr(ds, key, value)
     ds.PixelData = pixels.astype(np.uint16).tobytes()
-    ds.save_as(path, enforce_file_format=True)
-    return path
+    return save_dicom(ds, path)
 
 
 @pytest.fixture(scope="module")
@@ -201,7 +202,7 @@ def test_infer_folder_of_xrays_png_and_dicom(data, tmp_path):
     png_mask = np.array(Image.open(tmp_path / "patient1_mask.png"))
     assert png_mask.shape == (72, 88) and set(np.unique(png_mask)) <= {0, 255}
     assert nib.load(tmp_path / "patient1_mask.nii.gz").shape == (88, 72)  # MONAI's axis order: x = columns
-    dcm_in = LoadImage(image_only=True)(str(data["dcm"]))
+    dcm_in = LoadImage(image_only=True, reader="PydicomReader")(str(data["dcm"]))  # the package's DICOM reader
     dcm_mask = nib.load(tmp_path / "patient2_mask.nii.gz")
     assert dcm_mask.shape == tuple(s for s in dcm_in.shape if s != 1)
     np.testing.assert_allclose(dcm_mask.affine, dcm_in.affine.numpy(), atol=1e-5)
@@ -219,8 +220,9 @@ def test_infer_volumes_keep_their_grid(data, tmp_path):
     assert mask.shape == source.shape
     np.testing.assert_allclose(mask.affine, source.affine, atol=1e-5)  # oblique direction, spacing and origin
     assert mask.get_data_dtype() == np.uint8
-    for key, name in (("nrrd", "scan_mask.nii.gz"), ("series", "ct_series_mask.nii.gz")):
-        loaded = LoadImage(image_only=True)(str(data[key]))
+    for key, name, reader in (("nrrd", "scan_mask.nii.gz", "NrrdReader"),
+                              ("series", "ct_series_mask.nii.gz", "PydicomReader")):
+        loaded = LoadImage(image_only=True, reader=reader)(str(data[key]))  # the package's readers, even with ITK
         written = nib.load(tmp_path / "out" / name)
         assert written.shape == tuple(loaded.shape), key
         np.testing.assert_allclose(written.affine, loaded.affine.numpy(), atol=1e-4)

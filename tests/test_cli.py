@@ -18,6 +18,8 @@ from causalclipseg import cli, create_model
 from causalclipseg.engine.checkpoint import save_weights
 from causalclipseg.factory import DEFAULT_CHECKPOINT, load_state_dict
 
+from .conftest import write_datalist
+
 PROMPT = "bilateral pulmonary infection, two infected areas, lower left lung and lower right lung."
 
 
@@ -113,57 +115,67 @@ def test_shipped_default_model_is_used_without_checkpoint(tmp_path):
     assert (tmp_path / "o" / "x_mask.png").exists()
 
 
-def _datalist(tmp_path: Path, n: int = 6) -> Path:
-    rng = np.random.default_rng(0)
-    rows = []
-    for i in range(n):
-        img = rng.integers(0, 255, size=(64, 64), dtype=np.uint8)
-        mask = np.zeros((64, 64), dtype=np.uint8)
-        mask[10 + i:40, 5:30 + i] = 255
-        Image.fromarray(img).save(tmp_path / f"img_{i}.png")
-        Image.fromarray(mask).save(tmp_path / f"mask_{i}.png")
-        rows.append({"image": f"img_{i}.png", "label": f"mask_{i}.png",
-                     "prompt": "unilateral pulmonary infection, one infected area, lower left lung."})
-    path = tmp_path / "datalist.json"
-    path.write_text(json.dumps({"training": rows[:-2], "validation": rows[-2:]}))
-    return path
-
-
 def _train_args(data: Path, out: Path, epochs: int) -> list[str]:
-    # checkpoints at epoch ends only (4 iterations per epoch): the kill below resumes from an epoch boundary
+    # 12 iterations per epoch, resumable state every 2 iterations and at epoch ends
     return ["train", "--data", str(data), "--output-dir", str(out), "--epochs", str(epochs), "--batch-size", "2",
-            "--checkpoint-every", "100", "--no-progress", "--warmup-iterations", "2", "--device", "cpu"]
+            "--checkpoint-every", "2", "--no-progress", "--warmup-iterations", "2", "--device", "cpu"]
 
 
-def test_train_killed_mid_run_resumes_exactly(tmp_path):
-    """SIGKILL during the second epoch, then the same command again: the result equals an uninterrupted run."""
-    data = _datalist(tmp_path, n=10)  # 8 training images, batch 2: 4 iterations per epoch
+def _checkpoint_step(path: Path) -> int:
+    return int(path.stem.rsplit("_", 1)[1])
+
+
+def test_train_killed_mid_epoch_resumes_exactly(tmp_path):
+    """SIGKILL in the middle of the second epoch, then the same command again: the resumed run (from a mid-epoch
+    checkpoint) ends with the same model and optimiser state, bit for bit, as an uninterrupted run."""
+    data = write_datalist(tmp_path, n=26)  # 24 training images, batch 2: 12 iterations per epoch
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    assert cli.main(_train_args(data, straight, epochs=2)) == 0
-    process = subprocess.Popen([sys.executable, "-m", "causalclipseg.cli", *_train_args(data, resumed, epochs=2)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 240
-    while not (resumed / "checkpoints" / "last_checkpoint_4.pt").exists() and time.monotonic() < deadline:
+
+    def command(out: Path) -> list[str]:  # both runs in fresh processes: same threads, same library state
+        return [sys.executable, "-m", "causalclipseg.cli", *_train_args(data, out, epochs=2)]
+
+    subprocess.run(command(straight), check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=600)
+    process = subprocess.Popen(command(resumed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 600
+
+    def steps() -> list[int]:
+        return [_checkpoint_step(p) for p in (resumed / "checkpoints").glob("last_checkpoint_*.pt")]
+
+    while not any(step > 12 for step in steps()) and time.monotonic() < deadline:
         assert process.poll() is None, "training ended before it could be interrupted"
-        time.sleep(0.02)
+        time.sleep(0.005)
     process.kill()
     process.wait(timeout=30)
-    killed_at = sorted((resumed / "checkpoints").glob("last_checkpoint_*.pt"))
-    assert killed_at and killed_at[-1].name != "last_checkpoint_8.pt", "the kill came too late to test a resume"
-    for checkpoint in killed_at:  # what is on disk under the final name is complete
+    killed_at = max(steps())
+    assert 12 < killed_at < 24, f"the kill came at iteration {killed_at}, not in the middle of epoch 2"
+    for checkpoint in (resumed / "checkpoints").glob("last_*.pt"):  # what is on disk under its final name is whole
         torch.load(checkpoint, weights_only=True)
-    assert cli.main(_train_args(data, resumed, epochs=2)) == 0
+    subprocess.run(command(resumed), check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=600)
     final = {d: [p.name for p in (d / "checkpoints").glob("last_*.pt")] for d in (straight, resumed)}
-    assert final[straight] == final[resumed] == ["last_checkpoint_8.pt"]
-    a = torch.load(straight / "checkpoints" / "last_checkpoint_8.pt", weights_only=True)
-    b = torch.load(resumed / "checkpoints" / "last_checkpoint_8.pt", weights_only=True)
+    assert final[straight] == final[resumed] == ["last_checkpoint_24.pt"]
+    a = torch.load(straight / "checkpoints" / "last_checkpoint_24.pt", weights_only=True)
+    b = torch.load(resumed / "checkpoints" / "last_checkpoint_24.pt", weights_only=True)
     for key, tensor in a["model"].items():
         torch.testing.assert_close(b["model"][key], tensor, rtol=0, atol=0, msg=key)
     assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
     for index, state in a["optimizer"]["state"].items():
-        torch.testing.assert_close(b["optimizer"]["state"][index]["exp_avg"], state["exp_avg"], rtol=0, atol=0)
+        for name in ("exp_avg", "exp_avg_sq", "step"):
+            torch.testing.assert_close(b["optimizer"]["state"][index][name], state[name], rtol=0, atol=0)
     history = [json.loads(line)["epoch"] for line in (resumed / "history.jsonl").read_text().splitlines()]
     assert history[-1] == 2
+
+
+def test_train_refuses_a_corrupted_checkpoint_in_one_line(tmp_path, capsys):
+    data = write_datalist(tmp_path, n=4)
+    out = tmp_path / "run"
+    (out / "checkpoints").mkdir(parents=True)
+    corrupt = out / "checkpoints" / "last_checkpoint_4.pt"
+    corrupt.write_bytes(b"PK\x03\x04 not really a zip archive")
+    assert cli.main(_train_args(data, out, epochs=1)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot resume from checkpoint") and str(corrupt) in err
+    assert len(err.strip().splitlines()) == 1
+    assert corrupt.read_bytes() == b"PK\x03\x04 not really a zip archive"  # left for the user to inspect
 
 
 def test_train_rejects_a_bad_dataset(tmp_path, capsys):
@@ -173,7 +185,7 @@ def test_train_rejects_a_bad_dataset(tmp_path, capsys):
 
 
 def test_evaluate_reports_both_protocols(tmp_path, checkpoint, capsys):
-    data = _datalist(tmp_path)
+    data = write_datalist(tmp_path)
     csv, summary = tmp_path / "rows.csv", tmp_path / "summary.json"
     assert cli.main(["evaluate", "--data", str(data), "--split", "train", "--checkpoint", str(checkpoint),
                      "--csv", str(csv), "--json", str(summary), "--bootstrap", "50"]) == 0

@@ -21,7 +21,7 @@ SHIPPED = sorted(p.stem for p in _CONFIG_DIR.glob("*.json"))
 
 
 def test_shipped_variants_registered():
-    assert {"tiny", "tiny-nocausal", "RN50", "RN101", "ViT-B-16"} <= set(SHIPPED)
+    assert {"tiny", "tiny-nocausal", "RN50", "RN101", "ViT-B-16", "unet"} <= set(SHIPPED)
     assert set(SHIPPED) <= set(list_models())
 
 
@@ -36,7 +36,7 @@ def test_output_shape_every_shipped_config(name, size):
     assert logits.shape == (1, 1, *size)
     assert torch.isfinite(logits).all()
     torch.testing.assert_close(aux.logits, logits)
-    if model.config.causal.enabled:
+    if isinstance(model, model_module.CausalCLIPSeg) and model.config.causal.enabled:
         assert aux.confounder_logits.shape == (1, 1, *size)
         dim = model.config.decoder.dim
         h, w = size

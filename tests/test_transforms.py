@@ -26,6 +26,8 @@ from causalclipseg.data.transforms import (
     get_val_transforms,
 )
 
+from .conftest import save_dicom
+
 PROMPT = "bilateral pulmonary infection, two infected areas, lower left lung and upper right lung."
 
 
@@ -121,8 +123,9 @@ def test_lateral_flip_draws_once_per_sample_and_inverts(tmp_path):
         assert image_flipped == label_flipped == prompt_swapped
         outcomes.append(image_flipped)
     assert 5 < sum(outcomes) < 35
-    flipped = RandLateralFlipd(prob=1.0)(loaded)
-    restored = RandLateralFlipd(prob=1.0).inverse(flipped)
+    always = RandLateralFlipd(prob=1.0)  # MONAI inverts only with the instance that applied the transform
+    flipped = always(loaded)
+    restored = always.inverse(flipped)
     assert torch.equal(restored["image"], loaded["image"]) and restored["prompt"] == PROMPT
     untouched = RandLateralFlipd(prob=0.0)(loaded)
     assert torch.equal(untouched["image"], loaded["image"]) and untouched["prompt"] == PROMPT
@@ -214,7 +217,7 @@ def test_inference_png_dicom_nifti_agree(tmp_path):
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
     ds.PixelData = (picture.astype(np.uint16) * 16).tobytes()  # 12-bit range
-    ds.save_as(tmp_path / "x.dcm", enforce_file_format=True)
+    save_dicom(ds, tmp_path / "x.dcm")
     assert pydicom.dcmread(tmp_path / "x.dcm").pixel_array.shape == (40, 60)
 
     infer = get_inference_transforms(image_size=32, context_length=20)

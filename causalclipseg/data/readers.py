@@ -283,16 +283,32 @@ def read_sgseg(root: str | os.PathLike, split: str) -> DatasetIndex:
     image_dir = fs.resolve(split_dir / "images")[0] or split_dir / "images"
     mask_dir = fs.resolve(split_dir / "masks")[0] or split_dir / "masks"
 
-    index = DatasetIndex([], [], "sgseg", split, str(annotation))
+    def rows() -> Iterable[Problem | tuple[str, str, object]]:
+        for i, entry in enumerate(content[key]):
+            where = f"{annotation}[{key}][{i}]"
+            if not isinstance(entry, dict) or not isinstance(entry.get("image_path"), str) or not entry["image_path"]:
+                yield Problem(where, f"entry has no 'image_path' file name: {entry!r:.120}")
+            else:
+                yield where, entry["image_path"], entry.get("caption")
+
+    return _collect(DatasetIndex([], [], "sgseg", split, str(annotation)), fs, image_dir, mask_dir, rows())
+
+
+def _collect(index: DatasetIndex, fs: _CaseInsensitiveFS, image_dir: Path, mask_dir: Path,
+             rows: Iterable[Problem | tuple[str, str, object]]) -> DatasetIndex:
+    """Resolve ``(where, mask file name, prompt)`` rows of an annotation file into ``index``'s records.
+
+    The first row of each mask (case-insensitive) is kept; every problem (a row's own, a duplicate, a missing
+    image or mask, a bad prompt, files no row uses) is collected with its location.
+    """
     seen: set[str] = set()
     used_images: list[Path] = []
     used_masks: list[Path] = []
-    for i, entry in enumerate(content[key]):
-        where = f"{annotation}[{key}][{i}]"
-        if not isinstance(entry, dict) or not isinstance(entry.get("image_path"), str) or not entry["image_path"]:
-            index.problems.append(Problem(where, f"entry has no 'image_path' file name: {entry!r:.120}"))
+    for row in rows:
+        if isinstance(row, Problem):
+            index.problems.append(row)
             continue
-        mask_name = entry["image_path"]
+        where, mask_name, prompt = row
         where = f"{where} {mask_name}"
         if mask_name.lower() in seen:
             index.problems.append(Problem(where, "duplicate entry for this mask; the first one is kept"))
@@ -304,12 +320,11 @@ def read_sgseg(root: str | os.PathLike, split: str) -> DatasetIndex:
             continue
         used_images.append(pair[0])
         used_masks.append(pair[1])
-        prompt = entry.get("caption")
         reason = _check_prompt(prompt)
         if reason:
             index.problems.append(Problem(where, reason))
             continue
-        index.records.append(_record(*pair, prompt))
+        index.records.append(_record(*pair, prompt.strip()))
     index.problems += _unused_files(fs, image_dir, used_images, "image")
     index.problems += _unused_files(fs, mask_dir, used_masks, "mask")
     return index
@@ -381,35 +396,16 @@ def read_lvit(root: str | os.PathLike, split: str) -> DatasetIndex:
     image_dir = fs.resolve(split_dir / "img")[0] or split_dir / "img"
     mask_dir = fs.resolve(split_dir / "labelcol")[0] or split_dir / "labelcol"
 
-    index = DatasetIndex([], [], "lvit", split, str(xlsx))
-    seen: set[str] = set()
-    used_images: list[Path] = []
-    used_masks: list[Path] = []
-    for number, mask_cell, text in _read_xlsx_rows(xlsx):
-        where = f"{xlsx}:row {number}"
-        mask_name = str(mask_cell).strip() if mask_cell is not None else ""
-        if not mask_name:
-            index.problems.append(Problem(where, f"no file name in column 'Image' (Description {text!r:.80})"))
-            continue
-        where = f"{where} {mask_name}"
-        if mask_name.lower() in seen:
-            index.problems.append(Problem(where, "duplicate row for this mask; the first one is kept"))
-            continue
-        seen.add(mask_name.lower())
-        pair = _resolve_pair(fs, image_dir, mask_dir, mask_name, where)
-        if isinstance(pair, Problem):
-            index.problems.append(pair)
-            continue
-        used_images.append(pair[0])
-        used_masks.append(pair[1])
-        reason = _check_prompt(text)
-        if reason:
-            index.problems.append(Problem(where, reason))
-            continue
-        index.records.append(_record(*pair, text.strip()))
-    index.problems += _unused_files(fs, image_dir, used_images, "image")
-    index.problems += _unused_files(fs, mask_dir, used_masks, "mask")
-    return index
+    def rows() -> Iterable[Problem | tuple[str, str, object]]:
+        for number, mask_cell, text in _read_xlsx_rows(xlsx):
+            where = f"{xlsx}:row {number}"
+            mask_name = str(mask_cell).strip() if mask_cell is not None else ""
+            if not mask_name:
+                yield Problem(where, f"no file name in column 'Image' (Description {text!r:.80})")
+            else:
+                yield where, mask_name, text
+
+    return _collect(DatasetIndex([], [], "lvit", split, str(xlsx)), fs, image_dir, mask_dir, rows())
 
 
 def read_datalist(path: str | os.PathLike, split: str) -> DatasetIndex:

@@ -21,7 +21,15 @@ square ``S x S`` the distinction is only one of orientation, which the model lea
 
 from __future__ import annotations
 
+import gzip
+import logging
+import os
+import re
+import struct
+import warnings
 from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -57,6 +65,7 @@ from causalclipseg.tokenizer import PromptTokenizer
 
 __all__ = [
     "LATERAL_AXIS",
+    "file_suffix",
     "Binarize",
     "Binarized",
     "Grayscale2D",
@@ -66,6 +75,7 @@ __all__ = [
     "TokenizeText",
     "TokenizeTextd",
     "LoadSegmentableImaged",
+    "MAX_INPUT_VOXELS",
     "get_inference_transforms",
     "get_slice_preprocessing",
     "get_load_transforms",
@@ -76,6 +86,13 @@ __all__ = [
 #: Spatial axis (tensor dim ``1 + LATERAL_AXIS`` of a channel-first image) that runs left-right across the picture
 #: as a viewer sees it, in MONAI's loading convention (see the module docstring).
 LATERAL_AXIS = 0
+
+#: Most values (pixels x frames x colour samples) an input file may hold for :class:`LoadSegmentableImaged`: 2**28
+#: (268 M: a 512 x 512 x 1024 CT, a 16384 x 16384 picture). Read from the file's header before any decoding; larger
+#: files are refused (one at the limit takes about 6 GB of memory to segment).
+MAX_INPUT_VOXELS = 2**28
+
+logger = logging.getLogger(__name__)
 
 _REDUCTIONS = ("mean", "max")
 
@@ -279,31 +296,301 @@ class RandLateralFlipd(RandFlipd):
         return d
 
 
+# --------------------------------------------------------------------------------------- reading an input file
+_PICTURE_FORMATS = {"PNG": ".png", "JPEG": ".jpg", "BMP": ".bmp", "TIFF": ".tif"}  # PIL format -> usual suffix
+#: what a file-name suffix promises; content of another kind is refused (the fix is to rename the file)
+_SUFFIX_KINDS = {".png": "picture", ".jpg": "picture", ".jpeg": "picture", ".bmp": "picture", ".tif": "picture",
+                 ".tiff": "picture", ".dcm": "DICOM", ".nii": "NIfTI", ".nii.gz": "NIfTI", ".nrrd": "NRRD",
+                 ".nhdr": "NRRD"}
+_KIND_SUFFIXES = {"DICOM": ".dcm", "NIfTI": ".nii.gz", "NRRD": ".nrrd"}
+_READABLE = "PNG, JPEG, BMP, TIFF, DICOM (with its 'DICM' preamble), NIfTI or NRRD"
+
+
+class _Unreadable(ValueError):
+    """An input the loader refuses; the message is the reason, the caller adds the file name."""
+
+
+@dataclass
+class _InputHeader:
+    """What an input file's header says, read before any pixel is decoded."""
+
+    kind: str  # picture, DICOM, NIfTI, NRRD
+    format: str  # PNG, JPEG, ..., DICOM, NIfTI-1, ...
+    values: int  # pixels x frames (or slices) x colour samples
+    frames: int = 1  # pages of a picture, frames (times files) of DICOM
+    samples: int = 1  # DICOM SamplesPerPixel
+    photometric: str = ""  # DICOM PhotometricInterpretation
+
+
+def file_suffix(path: str | os.PathLike) -> str:
+    """The lower-case suffix that names a file's kind: ``.nii.gz`` counts as one."""
+    path = Path(path)
+    name = path.name.lower()
+    return ".nii.gz" if name.endswith(".nii.gz") else path.suffix.lower()
+
+
+def _reason(err: BaseException) -> str:
+    """The most useful line of an exception message (libraries put the cause last), on one line."""
+    lines = [line.strip() for line in str(err.__cause__ or err).strip().splitlines() if line.strip()]
+    return lines[-1] if lines else type(err).__name__
+
+
+def _nifti_magic(head: bytes) -> str | None:
+    """``NIfTI-1``, ``NIfTI-2`` or ``Analyze`` from the first bytes of an uncompressed header, else ``None``."""
+    if len(head) >= 348:
+        for order in "<>":
+            size = struct.unpack(order + "i", head[:4])[0]
+            if size == 348:
+                return "NIfTI-1" if head[344:348] in (b"n+1\x00", b"ni1\x00") else "Analyze"
+            if size == 540 and head[4:8] in (b"n+2\x00", b"ni2\x00"):
+                return "NIfTI-2"
+    return None
+
+
+def _sniff(path: Path, head: bytes) -> tuple[str, str] | None:
+    """``(kind, format)`` of a file from its content (not its name), or ``None`` when not recognised."""
+    if head[128:132] == b"DICM":
+        return "DICOM", "DICOM"
+    if head.startswith(b"NRRD"):
+        return "NRRD", "NRRD"
+    if head.startswith(b"\x1f\x8b"):  # gzip: look at what it holds
+        try:
+            with gzip.open(path, "rb") as f:
+                inner = f.read(544)
+        except (OSError, EOFError):
+            inner = b""
+        magic = _nifti_magic(inner)
+        return ("NIfTI", magic) if magic else None
+    magic = _nifti_magic(head)
+    if magic:
+        return "NIfTI", magic
+    from PIL import Image
+
+    try:
+        with Image.open(path, formats=list(_PICTURE_FORMATS)) as image:
+            return "picture", str(image.format)
+    except Image.DecompressionBombError as err:  # PIL refuses pictures of more than 2 * MAX_IMAGE_PIXELS itself
+        pixels = re.search(r"\((\d+) pixels\)", str(err))
+        raise _Unreadable(f"it holds {pixels.group(1) if pixels else 'too many'} pixels, more than PIL decodes "
+                          f"safely and more than the {MAX_INPUT_VOXELS} this tool accepts") from err
+    except Exception:  # noqa: BLE001 - PIL raises many types for "not a picture it knows"
+        return None
+
+
+def _picture_header(path: Path, fmt: str) -> _InputHeader:
+    from PIL import Image
+
+    with Image.open(path, formats=[fmt]) as image:
+        frames = int(getattr(image, "n_frames", 1))
+        values = image.width * image.height * frames * len(image.getbands())
+        return _InputHeader("picture", fmt, values, frames=frames)
+
+
+def _dicom_header(path: Path) -> _InputHeader:
+    """Header of a DICOM file, or of a series folder (its first DICOM file, times the number of files)."""
+    import pydicom
+    try:
+        from pydicom.pixels import get_decoder  # pydicom >= 3
+    except ImportError:  # pydicom 2 (MONAI Label 0.8.5 pins it) has no decoder registry: decoding reports it
+        get_decoder = None
+
+    files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+    first = next((p for p in files if pydicom.misc.is_dicom(p)), None)
+    if first is None:
+        raise _Unreadable("the folder holds no DICOM file")
+    try:
+        ds = pydicom.dcmread(first, stop_before_pixels=True)
+        if "Rows" not in ds or "Columns" not in ds:
+            what = getattr(ds.get("SOPClassUID"), "name", "") or "no Rows/Columns"
+            raise _Unreadable(f"the DICOM file holds no image ({what}): nothing to segment")
+        frames = int(ds.get("NumberOfFrames") or 1) * len(files)
+        samples = int(ds.get("SamplesPerPixel") or 1)
+        values = int(ds.Rows) * int(ds.Columns) * frames * samples
+        photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()
+        syntax = ds.file_meta.get("TransferSyntaxUID")
+    except _Unreadable:
+        raise
+    except Exception as err:  # noqa: BLE001 - pydicom raises many types; all mean "broken header"
+        raise _Unreadable(f"its DICOM header cannot be read ({_reason(err)})") from err
+    if syntax is not None:
+        try:
+            decoder = get_decoder(syntax) if syntax.is_compressed and get_decoder is not None else None
+        except (NotImplementedError, ValueError) as err:
+            raise _Unreadable(f"its pixel data is encoded as {syntax.name or syntax}, which cannot be decoded "
+                              f"here") from err
+        if decoder is not None and not decoder.is_available:
+            missing = "; ".join(" ".join(m.split()) for m in decoder.missing_dependencies)
+            raise _Unreadable(f"its pixel data is compressed as {syntax.name} and no installed decoder reads it "
+                              f"(any one of: {missing})")
+    return _InputHeader("DICOM", "DICOM", values, frames=frames, samples=samples, photometric=photometric)
+
+
+def _nibabel_header(path: Path) -> _InputHeader:
+    import nibabel as nib
+    from nibabel.analyze import AnalyzeHeader
+
+    try:
+        image = nib.load(path)
+    except Exception as err:  # noqa: BLE001 - nibabel raises many types; all mean "cannot read"
+        raise _Unreadable(_reason(err)) from err
+    if not isinstance(image.header, AnalyzeHeader):  # MGH, MINC, PAR/REC, AFNI, CIFTI, ...
+        raise _Unreadable(f"{type(image).__name__} files are not supported: convert it to NIfTI")
+    return _InputHeader("NIfTI", type(image).__name__, int(np.prod(image.shape, dtype=np.int64)))
+
+
+def _nrrd_header(path: Path) -> _InputHeader:
+    import nrrd
+
+    try:
+        header = nrrd.read_header(str(path))
+        sizes = [int(s) for s in header["sizes"]]
+    except Exception as err:  # noqa: BLE001 - pynrrd raises many types; all mean "broken header"
+        raise _Unreadable(f"its NRRD header cannot be read ({_reason(err)})") from err
+    return _InputHeader("NRRD", "NRRD", int(np.prod(sizes, dtype=np.int64)))
+
+
+def _read_input_header(path: str | os.PathLike, max_voxels: int = MAX_INPUT_VOXELS) -> _InputHeader:
+    """Recognise an input by its content and read its header, without decoding pixels.
+
+    Raises:
+        ValueError: (without the file name) for an empty, unrecognised or misnamed file, an image too large
+            (``max_voxels``), a DICOM file without an image or with pixel data no installed decoder reads.
+    """
+    path = Path(path)
+    if path.is_dir():
+        header = _dicom_header(path)
+    else:
+        try:
+            with open(path, "rb") as f:
+                head = f.read(1024)
+        except OSError as err:
+            raise _Unreadable(err.strerror or _reason(err)) from err
+        if not head:
+            raise _Unreadable("the file is empty (0 bytes)")
+        found = _sniff(path, head)
+        if found is None:  # nibabel also knows NIfTI/Analyze pairs (.img/.hdr) and other formats by their names
+            import nibabel as nib
+
+            try:
+                nib.load(path)
+            except Exception:  # noqa: BLE001 - nibabel raises many types; all mean "not a format it knows"
+                raise _Unreadable(f"not an image file this tool reads ({_READABLE})") from None
+            found = "NIfTI", "nibabel"
+        kind, fmt = found
+        promised = _SUFFIX_KINDS.get(file_suffix(path))
+        if promised is not None and promised != kind:
+            good = _PICTURE_FORMATS.get(fmt, ".png") if kind == "picture" else _KIND_SUFFIXES[kind]
+            raise _Unreadable(f"it holds a {fmt} image but its name ends in {file_suffix(path)}: rename it to end "
+                              f"in {good}")
+        readers = {"picture": lambda: _picture_header(path, fmt), "DICOM": lambda: _dicom_header(path),
+                   "NRRD": lambda: _nrrd_header(path), "NIfTI": lambda: _nibabel_header(path)}
+        header = readers[kind]()
+    if header.values > max_voxels:
+        raise _Unreadable(f"it holds {header.values} values (pixels x slices x colour samples), more than the "
+                          f"{max_voxels} this tool accepts")
+    return header
+
+
+def _plain_picture(image: Any) -> Any:
+    """PIL converter: palette, CMYK, YCbCr, ... pictures to RGB, gray + alpha to gray; gray, RGB(A), 16-bit and
+    float pictures as they are (a palette picture's raw values are colour indices, not intensities)."""
+    if image.mode in ("1", "L", "RGB", "RGBA", "F") or image.mode.startswith("I"):
+        return image
+    return image.convert("L" if image.mode in ("LA", "La") else "RGB")
+
+
+def _complete_slice_normal(img: torch.Tensor) -> None:
+    """Make a DICOM affine invertible, in place: for a single slice (or slices at one position) MONAI's reader
+    sets the third column to ``(0, 0, 1)`` (or zero) whatever the slice's plane, which is singular for sagittal and
+    coronal slices; the column becomes the slice normal (row x column direction), keeping its length (1 if none)."""
+    affine = getattr(img, "affine", None)
+    if affine is None or tuple(affine.shape) != (4, 4):
+        return
+    a = affine.detach().cpu().double().clone()
+    if abs(float(torch.linalg.det(a[:3, :3]))) > 1e-12:
+        return
+    normal = torch.linalg.cross(a[:3, 0], a[:3, 1])
+    if float(normal.norm()) < 1e-12:
+        return  # the in-plane directions themselves are broken: left as read
+    length = float(a[:3, 2].norm()) or 1.0
+    a[:3, 2] = normal / normal.norm() * length
+    img.affine = a.to(affine.dtype)
+
+
+def _quiet_load_image() -> LoadImage:
+    """MONAI's ``LoadImage`` without the warnings its GPU DICOM reader prints on machines without nvImageCodec."""
+    plugin_log = logging.getLogger("monai.data.nvimgcodec_pydicom_plugin")
+    disabled, plugin_log.disabled = plugin_log.disabled, True
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return LoadImage(image_only=True, ensure_channel_first=True)
+    finally:
+        plugin_log.disabled = disabled
+
+
 class LoadSegmentableImaged(MapTransform):
     """Read an image file or DICOM series into what the slice-wise network takes, on its own grid (no resampling).
 
-    MONAI's ``LoadImage`` reads it (PNG/JPEG/BMP/TIFF, DICOM file or series folder, NIfTI, NRRD) channel first with
-    its metadata (affine, file name); 2-D inputs (and volumes with one slice) become grayscale ``(1, X, Y)``
-    (colour merged, alpha dropped, as in training); volumes stay ``(1, X, Y, Z)``, segmented slice by slice along Z.
+    MONAI's readers read it (PNG/JPEG/BMP/TIFF, DICOM file or series folder, NIfTI, NRRD) channel first with its
+    metadata (affine, file name); 2-D inputs (and volumes with one slice) become grayscale ``(1, X, Y)`` (colour
+    merged, alpha dropped, as in training); volumes stay ``(1, X, Y, Z)``, segmented slice by slice along Z.
+
+    Input policy (every refusal is a ``ValueError`` naming the file and the reason, before anything is written):
+
+    - the format is recognised by the file's content; a name promising another format (a PNG named ``.dcm``)
+      is refused with the name to use; empty files and other formats are refused;
+    - the header is read first, and an input holding more than :data:`MAX_INPUT_VOXELS` values is refused before
+      any decoding, as is DICOM whose compressed pixel data no installed decoder reads, or DICOM without an image;
+    - DICOM: ``MONOCHROME1`` (white = low values) is inverted to the usual display, colour (RGB, YBR) is merged
+      to gray like colour pictures; ``PALETTE COLOR`` and multi-frame colour DICOM are refused; palette and CMYK
+      pictures are converted to RGB first (their raw values are not intensities);
+    - 4-D inputs (time series, several values per voxel) and multi-page pictures are refused: extract one image;
+    - NaN or infinite values are refused rather than guessed (a mask of a partly undefined image could look
+      right and be wrong), and so is an image whose pixels all have one value (there is nothing to segment).
+
+    Args:
+        keys: keys holding the file or folder to read.
+        max_voxels: the size limit, :data:`MAX_INPUT_VOXELS` by default.
 
     Raises:
-        ValueError: for an unreadable file, a multi-channel volume or non-finite pixel values, naming the file.
+        ValueError: as above, naming the file.
     """
 
-    def __init__(self, keys: str | Sequence[str] = "image", allow_missing_keys: bool = False) -> None:
+    def __init__(self, keys: str | Sequence[str] = "image", allow_missing_keys: bool = False,
+                 max_voxels: int = MAX_INPUT_VOXELS) -> None:
         super().__init__(keys, allow_missing_keys)
-        self.loader = LoadImage(image_only=True, ensure_channel_first=True)
+        from monai.data import NibabelReader, NrrdReader, PILReader, PydicomReader
+
+        self.loader = _quiet_load_image()
+        self.readers = {"picture": PILReader(converter=_plain_picture), "DICOM": PydicomReader(),
+                        "NIfTI": NibabelReader(), "NRRD": NrrdReader()}
+        self.max_voxels = max_voxels
         self.grayscale = Grayscale2D("mean")
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         for key in self.key_iterator(d):
             source = d[key]
+            if not isinstance(source, (str, os.PathLike)):
+                raise TypeError(f"{key} must be a file or folder path, got {type(source).__name__}")
+            caught: list[warnings.WarningMessage] = []
             try:
-                img = self.loader(source)
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    header = _read_input_header(source, self.max_voxels)
+                    self._check_header(header)
+                    img = self.loader(str(source), reader=self.readers[header.kind])
+            except _Unreadable as err:
+                raise ValueError(f"cannot read {source}: {err}") from err
             except Exception as err:  # noqa: BLE001 - readers raise many types; all mean "unreadable"
-                reason = (str(err.__cause__ or err).strip().splitlines() or [type(err).__name__])[-1]
-                raise ValueError(f"cannot read {source}: {reason}") from err
+                raise ValueError(f"cannot read {source}: {_reason(err)}") from err
+            finally:
+                for warning in caught:  # readers' remarks on odd headers: kept out of the user's terminal
+                    logger.debug("%s: %s", source, warning.message)
+            if header.kind == "DICOM":
+                img = self._dicom_colour(img, header)
+                _complete_slice_normal(img)
             spatial = [s for s in img.shape[1:]]
             while len(spatial) > 2 and spatial[-1] == 1:
                 spatial.pop()
@@ -312,12 +599,41 @@ class LoadSegmentableImaged(MapTransform):
             elif len(spatial) == 3 and img.shape[0] == 1:
                 img = img.reshape(1, *spatial).float()
             else:
-                raise ValueError(f"cannot segment {source}: expected a 2-D image or a single-channel 3-D volume, got "
-                                 f"{img.shape[0]} channel(s) of shape {tuple(img.shape[1:])}")
+                raise ValueError(f"cannot segment {source}: it is {len(spatial) + (img.shape[0] > 1)}-D ("
+                                 f"{img.shape[0]} image(s) of shape {tuple(spatial)}); only 2-D images and 3-D "
+                                 f"volumes are segmented: extract one image or volume first")
             if not torch.isfinite(img).all():
                 raise ValueError(f"cannot segment {source}: it contains NaN or infinite pixel values")
+            low, high = float(img.min()), float(img.max())
+            if low == high:
+                raise ValueError(f"cannot segment {source}: every pixel has the value {low:g}, there is nothing "
+                                 f"to segment")
+            if header.kind == "DICOM" and header.photometric == "MONOCHROME1":
+                img = (high + low) - img  # MONOCHROME1: low values are white; the model saw white = high
             d[key] = img
         return d
+
+    @staticmethod
+    def _check_header(header: _InputHeader) -> None:
+        """Refuse, before decoding, what the header shows cannot be segmented as one image or volume."""
+        if header.frames > 1 and header.kind == "picture":
+            raise _Unreadable(f"it is a {header.format} of {header.frames} pages: save the page to segment as a "
+                              f"picture of its own")
+        if header.kind == "DICOM" and header.photometric == "PALETTE COLOR":
+            raise _Unreadable("PALETTE COLOR DICOM (pixel values index a colour table) is not supported: export it "
+                              "as MONOCHROME2 or RGB")
+        if header.kind == "DICOM" and header.samples > 1 and header.frames > 1:
+            raise _Unreadable(f"multi-frame colour DICOM ({header.frames} frames of {header.samples} samples) is not "
+                              f"supported: export one frame, or gray frames")
+
+    @staticmethod
+    def _dicom_colour(img: torch.Tensor, header: _InputHeader) -> torch.Tensor:
+        """MONAI's DICOM reader leaves colour samples as a last spatial axis, ``(1, X, Y, 3)``: make them channels."""
+        if header.samples > 1 and img.ndim == 4 and img.shape[0] == 1 and img.shape[-1] == header.samples:
+            img = img[0].movedim(-1, 0)  # (3, X, Y), merged to gray below like a colour picture
+            if hasattr(img, "meta"):
+                img.meta["spatial_shape"] = tuple(img.shape[1:])
+        return img
 
 
 def get_load_transforms(image_size: int = 224, keys: Sequence[str] = ("image", "label")) -> list[Transform]:
@@ -348,12 +664,19 @@ def get_load_transforms(image_size: int = 224, keys: Sequence[str] = ("image", "
     return transforms
 
 
-def _finish_transforms(keys: Sequence[str], context_length: int, allow_empty: bool = False) -> list[Transform]:
-    """The deterministic tail: 3 channels, CLIP normalisation, tokens, dtypes."""
+def _finish_transforms(keys: Sequence[str], context_length: int, prompt_transform: str = "none") -> list[Transform]:
+    """The deterministic tail: the prompt transform, 3 channels, CLIP normalisation, tokens, dtypes.
+
+    Raises:
+        ValueError: if ``prompt_transform`` is not a registered name.
+    """
+    get_prompt_transform(prompt_transform)
     return [
+        PromptTransformd("prompt", prompt_transform),
         RepeatChanneld("image", repeats=3),
         NormalizeIntensityd("image", subtrahend=OPENAI_DATASET_MEAN, divisor=OPENAI_DATASET_STD, channel_wise=True),
-        TokenizeTextd("prompt", output_key="text", context_length=context_length, allow_empty=allow_empty),
+        TokenizeTextd("prompt", output_key="text", context_length=context_length,
+                      allow_empty=prompt_transform == "empty"),
         EnsureTyped(tuple(keys), dtype=torch.float32),
     ]
 
@@ -375,7 +698,8 @@ def get_slice_preprocessing(image_size: int = 224) -> Compose:
     ])
 
 
-def get_train_transforms(image_size: int = 224, context_length: int = 32, augment: bool = True) -> Compose:
+def get_train_transforms(image_size: int = 224, context_length: int = 32, augment: bool = True,
+                         prompt_transform: str = "none") -> Compose:
     """Training transforms for records ``{"image", "label", "prompt"}`` (see the module docstring for the output).
 
     Order: the deterministic loading prefix (:func:`get_load_transforms`, cached by ``CacheDataset``), then the
@@ -388,7 +712,14 @@ def get_train_transforms(image_size: int = 224, context_length: int = 32, augmen
         image_size: side of the square model input.
         context_length: token slots of the text encoder.
         augment: include the random part; without it the result equals :func:`get_val_transforms`.
+        prompt_transform: ``none``, or ``empty`` to train without text (the ablation); ``swap`` would teach the
+            wrong side and is refused.
+
+    Raises:
+        ValueError: for ``swap`` or an unregistered name.
     """
+    if prompt_transform == "swap":
+        raise ValueError("prompt_transform 'swap' would train on prompts naming the wrong side; use 'none' or 'empty'")
     keys = ("image", "label")
     transforms = get_load_transforms(image_size, keys)
     if augment:
@@ -401,7 +732,7 @@ def get_train_transforms(image_size: int = 224, context_length: int = 32, augmen
             RandShiftIntensityd("image", offsets=0.05, prob=0.5),
             RandAdjustContrastd("image", gamma=(0.85, 1.15), prob=0.3),
         ]
-    return Compose(transforms + _finish_transforms(keys, context_length))
+    return Compose(transforms + _finish_transforms(keys, context_length, prompt_transform))
 
 
 def get_val_transforms(image_size: int = 224, context_length: int = 32, prompt_transform: str = "none") -> Compose:
@@ -417,12 +748,7 @@ def get_val_transforms(image_size: int = 224, context_length: int = 32, prompt_t
         ValueError: if ``prompt_transform`` is not a registered name.
     """
     keys = ("image", "label")
-    get_prompt_transform(prompt_transform)
-    return Compose(
-        get_load_transforms(image_size, keys)
-        + [PromptTransformd("prompt", prompt_transform)]
-        + _finish_transforms(keys, context_length, allow_empty=prompt_transform == "empty")
-    )
+    return Compose(get_load_transforms(image_size, keys) + _finish_transforms(keys, context_length, prompt_transform))
 
 
 def get_inference_transforms(image_size: int = 224, context_length: int = 32) -> Compose:

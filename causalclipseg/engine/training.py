@@ -7,10 +7,10 @@ over training progress ``p``, so the confounder head learns before the trunk sta
 
 Resume: the whole state (model, optimiser, scheduler, AMP scaler, ignite trainer state, RNG states,
 best score) is written atomically every ``checkpoint_every`` iterations and at every epoch end. ignite's
-``DeterministicEngine`` reseeds the data order per epoch and fast-forwards to the saved iteration, and the
-augmentation is seeded per (epoch, sample). A run resumed from an epoch-end checkpoint ends bit-identical
-to an uninterrupted one (tested); from a mid-epoch checkpoint it sees the same batches but not the same
-dropout draws, so it is close but not bit-identical.
+``DeterministicEngine`` reseeds the data order per epoch and fast-forwards to the saved iteration, the
+augmentation is seeded per (epoch, sample), and the global torch RNG (dropout) is reseeded per iteration.
+So a run killed at any point and resumed from its last checkpoint, mid-epoch or at an epoch end, ends
+bit-identical to an uninterrupted one on the CPU (tested with SIGKILL).
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from ignite.engine import Engine, Events
 from ignite.engine.deterministic import DeterministicEngine
 from ignite.handlers import Checkpoint, DiskSaver, ProgressBar
 from monai.data import CacheDataset, DataLoader
+from torch.utils.data.distributed import DistributedSampler
 from torch.utils.tensorboard import SummaryWriter
 
 from ..data.readers import read_dataset
@@ -51,6 +52,7 @@ class TrainConfig:
     output_dir: str  # checkpoints, best model, TensorBoard logs, history
     model: str = "tiny"  # variant from list_models()
     pretrained: str | None = None  # CLIP weights: open_clip tag or file; None trains from scratch
+    init_checkpoint: str | None = None  # CausalCLIPSeg weights to start from (fine-tuning), applied after pretrained
     epochs: int = 30
     batch_size: int = 16
     lr: float = 1e-3  # AdamW learning rate of the decoder, causal module and projectors
@@ -66,6 +68,7 @@ class TrainConfig:
     max_train: int | None = None  # use only the first N training records (smoke runs)
     max_val: int | None = None  # use only the first N validation records
     augment: bool = True
+    prompt_transform: str = "none"  # "empty" trains (and validates) without text: the text ablation
     seed: int = 0
     num_workers: int = 0  # DataLoader workers; 0 is fastest on 2 cores with cached data
     cache: bool = True  # cache the deterministic loading transforms in memory
@@ -140,7 +143,7 @@ class _Best:
 
 
 def param_groups(model: torch.nn.Module, lr: float, encoder_scale: float, weight_decay: float) -> list[dict]:
-    encoder_ids = {id(p) for p in (*model.image_encoder.parameters(), *model.text_encoder.parameters())}
+    encoder_ids = {id(p) for module in model.encoder_modules() for p in module.parameters()}
     encoders = [p for p in model.parameters() if id(p) in encoder_ids]
     rest = [p for p in model.parameters() if id(p) not in encoder_ids]
     return [{"params": encoders, "lr": lr * encoder_scale, "weight_decay": weight_decay},
@@ -172,14 +175,18 @@ def _loaders(cfg: TrainConfig, context_length: int, image_size: int) -> tuple[Da
     if not train_records or not val_records:
         raise ValueError(f"dataset {cfg.data} has {len(train_records)} {cfg.train_split!r} and "
                          f"{len(val_records)} {cfg.val_split!r} records; both must be non-empty")
-    train_tf = get_train_transforms(image_size, context_length, augment=cfg.augment)
-    val_tf = get_val_transforms(image_size, context_length)
+    train_tf = get_train_transforms(image_size, context_length, cfg.augment, cfg.prompt_transform)
+    val_tf = get_val_transforms(image_size, context_length, cfg.prompt_transform)
 
     def dataset(records: list[dict], transform) -> _SeededCacheDataset:
         return _SeededCacheDataset(records, transform, seed=cfg.seed, cache_rate=1.0 if cfg.cache else 0.0,
                                    num_workers=None, progress=cfg.progress)
 
-    train_loader = DataLoader(dataset(train_records, train_tf), batch_size=cfg.batch_size, shuffle=True,
+    train_set = dataset(train_records, train_tf)
+    # shuffled by (seed, epoch) alone, through set_epoch, so a run resumed mid-epoch sees the same order; a
+    # sampler drawing from the global RNG would depend on when that RNG was last restored or reseeded
+    sampler = DistributedSampler(train_set, num_replicas=1, rank=0, shuffle=True, seed=cfg.seed)
+    train_loader = DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler,
                               drop_last=len(train_records) > cfg.batch_size, num_workers=cfg.num_workers)
     val_loader = DataLoader(dataset(val_records, val_tf), batch_size=cfg.batch_size, num_workers=cfg.num_workers)
     return train_loader, val_loader
@@ -234,9 +241,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     device = resolve_device(cfg.device)
     amp = cfg.amp and device.type == "cuda"
 
-    model = create_model(cfg.model, pretrained=cfg.pretrained).to(device)
+    model = create_model(cfg.model, pretrained=cfg.pretrained, checkpoint=cfg.init_checkpoint).to(device)
     model = model.to(memory_format=torch.channels_last)
-    train_loader, val_loader = _loaders(cfg, model.config.clip.context_length, model.config.image_size)
+    train_loader, val_loader = _loaders(cfg, model.tokenizer.context_length, model.config.image_size)
     encoder_scale = cfg.encoder_lr_scale if cfg.encoder_lr_scale is not None else (0.1 if cfg.pretrained else 1.0)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.lr, encoder_scale, cfg.weight_decay))
     total = cfg.epochs * len(train_loader)
@@ -263,8 +270,15 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     writer = SummaryWriter(str(out / "tensorboard"))
 
     @trainer.on(Events.GET_BATCH_STARTED)  # not EPOCH_STARTED: a run resumed mid-epoch does not fire it
-    def _seed_augmentation(engine: Engine) -> None:
-        train_loader.dataset.epoch = engine.state.epoch
+    def _seed_epoch(engine: Engine) -> None:
+        epoch = engine.state.iteration // len(train_loader) + 1  # the epoch of the batch about to be drawn
+        train_loader.dataset.epoch = epoch
+        train_loader.sampler.set_epoch(epoch)
+
+    @trainer.on(Events.ITERATION_STARTED)
+    def _seed_iteration(engine: Engine) -> None:
+        # dropout draws depend on the iteration alone, not on how many iterations this process has run
+        torch.manual_seed(cfg.seed * 1_000_003 + engine.state.iteration)
 
     @trainer.on(Events.ITERATION_COMPLETED(every=10))
     def _log_iteration(engine: Engine) -> None:
@@ -296,10 +310,18 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
     last = sorted((out / "checkpoints").glob("last_*.pt"), key=lambda p: p.stat().st_mtime)
     if last:
-        state = torch.load(last[-1], map_location=device, weights_only=True)
-        Checkpoint.load_objects({**to_save, "checkpointer": saver}, state)
+        try:
+            state = torch.load(last[-1], map_location=device, weights_only=True)
+            Checkpoint.load_objects({**to_save, "checkpointer": saver}, state)
+        except Exception as err:  # noqa: BLE001 - torch and ignite raise many types; all mean "cannot resume"
+            raise ValueError(f"cannot resume from checkpoint {last[-1]} ({type(err).__name__}: "
+                             f"{str(err).strip().splitlines()[0] if str(err).strip() else 'unreadable'}); "
+                             "move it away to start this run over") from err
         logger.info("resumed from %s at epoch %d, iteration %d", last[-1], trainer.state.epoch,
                     trainer.state.iteration)
-    trainer.run(train_loader, max_epochs=cfg.epochs)
+    if trainer.state.iteration >= total:  # ignite would start a finished run over; a finished run stays finished
+        logger.info("the run in %s is complete (%d epochs); nothing to train", out, cfg.epochs)
+    else:
+        trainer.run(train_loader, max_epochs=cfg.epochs)
     writer.close()
     return json.loads((out / "best_metrics.json").read_text())

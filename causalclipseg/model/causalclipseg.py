@@ -67,6 +67,10 @@ class CausalCLIPSeg(nn.Module):
         """Token ids (N, context_length) for ``forward``; see :class:`~causalclipseg.tokenizer.PromptTokenizer`."""
         return self.tokenizer(prompts, allow_empty=allow_empty)
 
+    def encoder_modules(self) -> list[nn.Module]:
+        """The CLIP towers, which train at a lower learning rate than the rest."""
+        return [self.image_encoder, self.text_encoder]
+
     def _check_inputs(self, image: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if not isinstance(image, torch.Tensor) or image.ndim != 4:
             raise ValueError(f"image must be a (B, C, H, W) tensor, got {getattr(image, 'shape', type(image))}")

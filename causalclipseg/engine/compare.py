@@ -1,0 +1,114 @@
+"""Side-by-side comparison on the same data and budget: CausalCLIPSeg, without the causal module, trained and
+validated without text, and a vision-only MONAI U-Net of similar cost (``causalclipseg compare``).
+
+Every arm is one :func:`~causalclipseg.engine.training.train` run with the same data, epochs, batch size,
+learning rate, schedule, augmentation and seed; only the model or the prompt differs. Each run keeps its best
+epoch by validation per-image Dice, exactly as a normal training run does, and its validation summary (both
+protocols, bootstrap 95% intervals) is the arm's result. Runs live in ``<output_dir>/<arm>_seed<N>`` and resume,
+so an interrupted comparison continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .training import TrainConfig, train
+
+__all__ = ["ARMS", "Arm", "compare", "format_table"]
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One contender: a model variant and the prompt it sees in training and validation."""
+
+    label: str
+    model: str
+    prompt_transform: str = "none"
+
+
+#: The comparison's arms, by name.
+ARMS: dict[str, Arm] = {
+    "causalclipseg": Arm("CausalCLIPSeg (tiny)", "tiny"),
+    "no-causal": Arm("without the causal module (tiny-nocausal)", "tiny-nocausal"),
+    "empty-prompt": Arm("CausalCLIPSeg, trained and validated with empty prompts", "tiny", "empty"),
+    "unet": Arm("MONAI U-Net, vision only (unet)", "unet"),
+}
+
+_METRICS = ("per_image/dice", "per_image/iou", "dataset_level/dice", "dataset_level/iou")
+
+
+def _run_arm(base: TrainConfig, name: str, seed: int) -> dict[str, Any]:
+    arm = ARMS[name]
+    out = Path(base.output_dir) / f"{name}_seed{seed}"
+    cfg = replace(base, output_dir=str(out), model=arm.model, prompt_transform=arm.prompt_transform, seed=seed)
+    timing_file = out / "train_seconds.json"
+    start = time.perf_counter()
+    best = train(cfg)
+    spent = time.perf_counter() - start
+    previous = json.loads(timing_file.read_text())["seconds"] if timing_file.exists() else 0.0
+    seconds = previous + spent  # a resumed run adds to the time already spent
+    timing_file.write_text(json.dumps({"seconds": seconds}))
+    return {"arm": name, "seed": seed, "model": arm.model, "prompt_transform": arm.prompt_transform,
+            "train_seconds": round(seconds, 1), **best}
+
+
+def compare(base: TrainConfig, arms: list[str], seeds: list[int]) -> dict[str, Any]:
+    """Train and validate every arm for every seed; write ``comparison.json`` and ``comparison.md``.
+
+    Args:
+        base: the shared settings (data, epochs, batch size, lr, ...); its ``model``, ``prompt_transform``
+            and ``seed`` are set per arm and seed, its ``output_dir`` is the comparison's folder.
+        arms: names from :data:`ARMS`.
+        seeds: one run per arm and seed.
+
+    Returns:
+        ``{"settings": ..., "runs": [...], "summary": {arm: {metric: {"mean", "std", "n"}}}}``.
+
+    Raises:
+        ValueError: for an unknown arm or no seeds.
+    """
+    unknown = [a for a in arms if a not in ARMS]
+    if unknown or not arms:
+        raise ValueError(f"arms must be a non-empty selection of {sorted(ARMS)}, got {arms}")
+    if not seeds:
+        raise ValueError("seeds must name at least one seed")
+    out = Path(base.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    runs = [_run_arm(base, arm, seed) for arm in arms for seed in seeds]
+    summary = {}
+    for arm in arms:
+        mine = [r for r in runs if r["arm"] == arm]
+        summary[arm] = {m: {"mean": float(np.mean([r[m] for r in mine])),
+                            "std": float(np.std([r[m] for r in mine], ddof=1)) if len(mine) > 1 else 0.0,
+                            "n": len(mine)} for m in (*_METRICS, "train_seconds")}
+    settings = {k: v for k, v in asdict(base).items() if k not in ("model", "prompt_transform", "seed")}
+    result = {"settings": settings, "seeds": seeds, "runs": runs, "summary": summary}
+    (out / "comparison.json").write_text(json.dumps(result, indent=2))
+    (out / "comparison.md").write_text(format_table(result) + "\n")
+    return result
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """Markdown table: one row per arm; a single seed shows the value with its bootstrap 95% interval,
+    several seeds show mean +/- std over seeds."""
+    several = len(result["seeds"]) > 1
+    header = ("| arm | per-image Dice | per-image IoU | dataset-level Dice | dataset-level IoU | best epoch "
+              "| train time |\n|---|---|---|---|---|---|---|")
+    rows = []
+    for arm, stats in result["summary"].items():
+        mine = [r for r in result["runs"] if r["arm"] == arm]
+        if several:
+            cells = [f"{stats[m]['mean']:.4f} +/- {stats[m]['std']:.4f}" for m in _METRICS]
+        else:
+            r = mine[0]
+            cells = [f"{r[m]:.4f} [{r[m + '_low']:.4f}, {r[m + '_high']:.4f}]" for m in _METRICS]
+        epochs = ", ".join(str(r["epoch"]) for r in mine)
+        minutes = stats["train_seconds"]["mean"] / 60
+        rows.append(f"| {ARMS[arm].label} | " + " | ".join(cells) + f" | {epochs} | {minutes:.1f} min |")
+    return "\n".join([header, *rows])

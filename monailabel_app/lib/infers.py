@@ -1,0 +1,271 @@
+"""The infer task: the MONAI bundle in ``bundle/`` served by MONAI Label, with the prompt set per request.
+
+MONAI Label's ``BundleInferTask`` reads the bundle (``configs/inference.json``, ``configs/metadata.json``,
+``models/model.pt``) and builds its ``network_def`` (:class:`causalclipseg.bundle.BundleNetwork`). This task keeps
+that and changes what a per-request prompt needs:
+
+- the request's ``prompt`` (default: the bundle's) is checked and tokenised by the first pre-transform
+  (:class:`PromptTokensd`); the bundle's ``preprocessing`` (``LoadSegmentableImaged``) then reads the image on its
+  own grid; an empty prompt or an unreadable image is a :class:`~lib.common.BadRequestError` (HTTP 400);
+- the bundle's ``inferer`` (:class:`~causalclipseg.engine.inference.SliceWiseInferer`: 2-D in one call, volumes
+  slice by slice) runs the network with the request's tokens bound by ``functools.partial`` (MONAI's slice inferer
+  drops extra forward arguments); the network is shared between requests, so no per-request state is stored in it;
+- the bundle's ``postprocessing`` (sigmoid, threshold; its file writer left out) runs with the request's
+  ``threshold``; the label is written on the request image's grid (:meth:`TextPromptSegmentation.writer`).
+
+The bundle's configs are parsed once, at start; requests do not re-parse them, so concurrent requests are safe.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import logging
+import os
+import tempfile
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import torch
+from monai.transforms import AsDiscreted, Compose, SaveImaged
+from monailabel.interfaces.exception import MONAILabelError, MONAILabelException
+from monailabel.interfaces.tasks.infer_v2 import InferType
+from monailabel.tasks.infer.bundle import BundleInferTask
+from monailabel.utils.others.generic import device_map, name_to_device, strtobool
+from PIL import Image
+
+from causalclipseg.bundle import SaveMaskd
+from causalclipseg.data.transforms import file_suffix
+from causalclipseg.engine.inference import PICTURE_SUFFIXES, mask_like_nifti
+from causalclipseg.factory import load_state_dict
+from causalclipseg.tokenizer import validate_prompt
+
+from .common import BadRequestError, describe_source
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["PromptTokensd", "TextPromptSegmentation", "RESULT_EXTENSIONS"]
+
+#: label file formats a request may ask for with ``result_extension``
+RESULT_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".png")
+
+
+
+def _usable_device(name: str) -> bool:
+    """Whether torch can run on ``name`` here (MONAI Label has already mapped ``cuda`` to ``cpu`` without CUDA)."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        return False
+    if device.type == "cuda":
+        return torch.cuda.is_available() and (device.index is None or device.index < torch.cuda.device_count())
+    return device.type == "cpu"
+
+
+def _affine_4x4(image: torch.Tensor) -> np.ndarray:
+    """The voxel-to-RAS matrix MONAI's reader gave ``image``, as 4x4 (a 2-D affine gets a unit third axis)."""
+    affine = np.asarray(getattr(image, "affine", np.eye(4)), dtype=np.float64)
+    if affine.shape == (3, 3):
+        full = np.eye(4)
+        full[:2, :2], full[:2, 3] = affine[:2, :2], affine[:2, 2]
+        affine = full
+    return affine
+
+
+class PromptTokensd:
+    """First pre-transform: checks the request's knobs and tokenises its prompt.
+
+    ``data["prompt"]`` (text) -> ``data["text"]`` ``(1, context_length)`` token ids; ``data["threshold"]`` -> float
+    in (0, 1).
+
+    Raises:
+        BadRequestError: for a prompt that is not text or is empty, or a threshold outside (0, 1).
+    """
+
+    def __init__(self, tokenize: Callable[[str], torch.Tensor]) -> None:
+        self.tokenize = tokenize
+
+    def __call__(self, data: dict) -> dict:
+        d = dict(data)
+        try:
+            d["text"] = self.tokenize(validate_prompt(d.get("prompt")))
+        except (TypeError, ValueError) as err:
+            raise BadRequestError(f"{err}; send params {{\"prompt\": \"what to segment\"}}") from err
+        threshold = d.get("threshold")
+        try:
+            d["threshold"] = float(threshold)
+        except (TypeError, ValueError):
+            d["threshold"] = float("nan")
+        if not 0.0 < d["threshold"] < 1.0:
+            raise BadRequestError(f"threshold must be a number in (0, 1), got {threshold!r}")
+        return d
+
+
+class _RequestImaged:
+    """Runs the bundle's loading transforms; an image they cannot read is the request's fault (HTTP 400)."""
+
+    def __init__(self, transforms: Sequence[Callable]) -> None:
+        self.transforms = list(transforms)
+
+    def __call__(self, data: dict) -> dict:
+        source = data.get("image")
+        if not isinstance(source, str):
+            raise BadRequestError(f"image must be a file path, a datastore image id or an upload, got "
+                                  f"{type(source).__name__}")
+        try:
+            for transform in self.transforms:
+                data = transform(data)
+        except ValueError as err:
+            raise BadRequestError(describe_source(str(err), source)) from err
+        return data
+
+
+class TextPromptSegmentation(BundleInferTask):
+    """The bundle served with a prompt per request; the label comes back on the request image's grid.
+
+    Config (``/info``, settable per request): ``prompt`` (default: the bundle's, or ``--conf prompt``),
+    ``threshold`` (default: the bundle's), ``device`` (``auto``, ``cpu``, ``cuda``), and MONAI Label's
+    ``result_extension`` (``.png`` for pictures, ``.nii.gz`` otherwise; also ``.nii`` and ``.nrrd``).
+
+    Args:
+        bundle_dir: the MONAI bundle (``configs/``, ``models/model.pt``).
+        conf: the app's ``--conf`` options.
+        weights: weight files, oldest first; the last one that exists is served and reloaded when it changes (the
+            base weights, then the fine-tuned ones the train task publishes).
+        model_name: the variant (``network_def``'s ``model_name``); ``None`` keeps the bundle's.
+        prompt: the default prompt; ``None`` keeps the bundle's.
+
+    Raises:
+        ValueError: if the bundle cannot be served.
+    """
+
+    def __init__(self, bundle_dir: str | os.PathLike, conf: dict, weights: Sequence[str | os.PathLike],
+                 model_name: str | None = None, prompt: str | None = None) -> None:
+        self._model_name = model_name
+        preload = strtobool(str(conf.get("preload", "false")))
+        conf = {k: v for k, v in conf.items() if k != "preload"}  # loaded below, once the weights are set
+        super().__init__(str(bundle_dir), conf, type=InferType.SEGMENTATION, add_post_restore=False,
+                         load_strict=True)
+        if not self.valid:
+            raise ValueError(f"bundle {bundle_dir} cannot be served: it needs configs/inference.json, "
+                             f"configs/metadata.json and models/model.pt")
+        self.path = [str(w) for w in weights]
+        self._config.pop("model_filename", None)  # MONAI Label's per-request file choice would bypass self.path
+        default_prompt = prompt if prompt is not None else self.bundle_config.get_parsed_content("prompt_text")
+        PromptTokensd(self.network.model.tokenize)({"prompt": default_prompt, "threshold": 0.5})  # fail at start
+        self._config.update({"prompt": default_prompt, "threshold": float(self.bundle_config["threshold"])})
+
+        parsed = self.bundle_config.get_parsed_content
+        pre = parsed(self.const.key_preprocessing()[0])
+        post = parsed(self.const.key_postprocessing()[0])
+        self._pre = list(pre.transforms) if isinstance(pre, Compose) else list(pre)
+        post = list(post.transforms) if isinstance(post, Compose) else list(post)
+        self._post = [t for t in post if not isinstance(t, (SaveImaged, SaveMaskd))]  # the task writes the label
+        self._inferer = parsed(self.const.key_inferer()[0])
+        self._lock = threading.Lock()
+        if preload:
+            for device in device_map().values():
+                self._network(device)
+
+    def _load_bundle_config(self, path, config):
+        parser = super()._load_bundle_config(path, config)
+        parser["progress"] = False  # no progress bars in the server log
+        if self._model_name:
+            parser["model_name"] = self._model_name
+        return parser
+
+    # ------------------------------------------------------------------------------------------ the request
+    def __call__(self, request: dict, callbacks: dict | None = None) -> tuple[str | None, dict]:
+        request = dict(request)
+        device = request.get("device")
+        if isinstance(device, (list, tuple)):  # the config's list of devices, sent back as it is
+            device = request["device"] = device[0] if device else None
+        if device in (None, "", "auto"):
+            request["device"] = "cuda" if torch.cuda.is_available() else "cpu"
+        elif not isinstance(device, str) or not _usable_device(name_to_device(device)):
+            raise BadRequestError(f"device must be auto, cpu or cuda[:N], got {device!r}")
+        return super().__call__(request, callbacks)
+
+    def pre_transforms(self, data=None) -> Sequence[Callable]:
+        return [PromptTokensd(self.network.model.tokenize), _RequestImaged(self._pre)]
+
+    def inferer(self, data=None):
+        return self._inferer
+
+    def _network(self, device: str) -> tuple[torch.nn.Module, str]:
+        """The network on ``device`` with the served weights, loaded again when the weight file changes."""
+        path = self.get_path()
+        if path is None:
+            raise MONAILabelException(MONAILabelError.INFERENCE_ERROR, f"none of the weight files exists: {self.path}")
+        stamp = (path, os.stat(path).st_mtime_ns)
+        with self._lock:
+            cached = self._networks.get(device)
+            if cached is None or cached[1] != stamp:
+                network = copy.deepcopy(self.network)
+                network.load_state_dict(load_state_dict(path))  # safetensors or torch files, checked
+                network.to(torch.device(device)).eval()
+                self._networks[device] = (network, stamp)
+                logger.info("serving weights %s on %s", path, device)
+            return self._networks[device][0], path
+
+    def _get_network(self, device, data):
+        """The network for ``device`` with the request's tokens bound (shared by concurrent requests)."""
+        network, path = self._network(device)
+        data["weights"] = os.path.basename(path)
+        return functools.partial(network, text=data["text"].to(torch.device(device)))
+
+    def post_transforms(self, data=None) -> Sequence[Callable]:
+        threshold = data["threshold"]
+        return [AsDiscreted(keys=t.keys, threshold=threshold) if isinstance(t, AsDiscreted) else t
+                for t in self._post]
+
+    # ------------------------------------------------------------------------------------------- the label
+    def writer(self, data: dict, extension: str | None = None, dtype: Any = None) -> tuple[str, dict]:
+        """Write the mask (values 0 background, 1 lesion, uint8) on the request image's grid to a temporary file.
+
+        Pictures (PNG/JPEG/BMP/TIFF) give a PNG with the picture's rows and columns; NIfTI inputs a NIfTI with the
+        input's own header and affine; DICOM and NRRD inputs a NIfTI with the geometry MONAI read (RAS).
+        ``result_extension`` picks another format: ``.nii.gz``/``.nii`` (any input), ``.nrrd``, ``.png`` (2-D only).
+
+        Raises:
+            BadRequestError: for an unknown ``result_extension`` or a PNG asked for a volume.
+        """
+        source = str(data["image_path"])
+        image = data[self.input_key]
+        mask = data[self.output_label_key][0].detach().cpu().numpy().astype(np.uint8)  # (X, Y) or (X, Y, Z)
+        picture = file_suffix(source) in PICTURE_SUFFIXES
+        ext = extension or data.get("result_extension") or (".png" if picture else ".nii.gz")
+        if ext not in RESULT_EXTENSIONS:
+            raise BadRequestError(f"result_extension must be one of {', '.join(RESULT_EXTENSIONS)}, got {ext!r}")
+        if ext == ".png" and mask.ndim != 2:
+            raise BadRequestError(f"result_extension .png needs a 2-D image; this one is a volume of shape "
+                                  f"{mask.shape}: use .nii.gz")
+        fd, target = tempfile.mkstemp(suffix=ext, prefix="causalclipseg_label_")
+        os.close(fd)
+        try:
+            if ext == ".png":
+                Image.fromarray(mask.T).save(target, format="PNG")  # (X, Y) -> rows x columns
+            elif file_suffix(source) in (".nii", ".nii.gz") and ext in (".nii", ".nii.gz"):
+                nib.save(mask_like_nifti(source, mask), target)
+            elif ext == ".nrrd":
+                from monailabel.transform.writer import write_itk
+
+                write_itk(mask if mask.ndim == 3 else mask[..., None], target, _affine_4x4(image), np.uint8, True)
+            else:
+                nib.save(nib.Nifti1Image(mask, _affine_4x4(image)), target)
+        except BaseException:
+            Path(target).unlink(missing_ok=True)
+            raise
+        result = {
+            "prompt": data["prompt"],
+            "threshold": data["threshold"],
+            "weights": data.get("weights"),
+            "label_values": {"background": 0, "lesion": 1},
+            "lesion_fraction": round(float(mask.mean()), 6),
+            "shape": list(mask.shape),
+        }
+        return target, result

@@ -1,0 +1,225 @@
+"""The train task: fine-tune the served weights on the labels saved in the datastore (the active-learning loop).
+
+Each run reads the images with a ``final`` label from the datastore, writes a MONAI datalist JSON (2-D images as
+they are; volumes as their 2-D slices, written beside it), and runs the package's training engine
+(:func:`causalclipseg.engine.training.train`, the adversarial min-max step, validation, atomic checkpoints) starting
+from the weights the infer task serves. The best validated weights are then published atomically to
+``<model_dir>/causalclipseg_finetuned.pt``, which the infer task serves from its next request on.
+
+Labels saved from Slicer carry no text. The prompt of a record is, in order: ``prompt`` in the label's info (the
+``params`` of ``PUT /datastore/label``), ``params.prompt`` there (labels saved by an inference with ``save_label``),
+``prompt`` in the image's info, else the task's configured ``prompt``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import torch
+from monai.transforms import LoadImage
+from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
+from monailabel.interfaces.tasks.train import TrainTask
+
+from causalclipseg.data.transforms import LoadSegmentableImaged
+from causalclipseg.engine.checkpoint import atomic_write
+from causalclipseg.engine.training import TrainConfig, train
+
+from .common import BadRequestError
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["FineTuneFromDatastore", "datastore_records"]
+
+
+def _prompt_for(datastore: Datastore, image_id: str, label_id: str, tag: str, default: str) -> tuple[str, str]:
+    """The record's prompt and where it came from."""
+    label_info = datastore.get_label_info(label_id, tag) or {}
+    params = label_info.get("params") if isinstance(label_info.get("params"), dict) else {}
+    image_info = datastore.get_image_info(image_id) or {}
+    for where, value in (("label info", label_info.get("prompt")), ("label params", params.get("prompt")),
+                         ("image info", image_info.get("prompt"))):
+        if isinstance(value, str) and value.strip():
+            return value.strip(), where
+    return default, "default"
+
+
+def datastore_records(datastore: Datastore, default_prompt: str, tag: str = DefaultLabelTag.FINAL) -> list[dict]:
+    """``{"id", "image", "label", "prompt", "prompt_from"}`` for every image with a ``tag`` label."""
+    records = []
+    for image_id in sorted(datastore.get_labeled_images(label_tag=tag)):
+        label_id = datastore.get_label_by_image_id(image_id, tag)
+        if not label_id:
+            continue
+        prompt, where = _prompt_for(datastore, image_id, label_id, tag, default_prompt)
+        records.append({"id": image_id, "image": datastore.get_image_uri(image_id),
+                        "label": datastore.get_label_uri(label_id, tag), "prompt": prompt, "prompt_from": where})
+    return records
+
+
+def _as_training_pairs(record: dict, slice_dir: Path) -> list[dict]:
+    """Datalist entries for one record: the files themselves for a 2-D image, one NIfTI pair per labelled slice
+    (and as many unlabelled slices, evenly spread, at most) for a volume.
+
+    Raises:
+        ValueError: if the image or label cannot be read, or they do not share a grid.
+    """
+    image = LoadSegmentableImaged("image")({"image": record["image"]})["image"]  # (1, X, Y) or (1, X, Y, Z)
+    try:
+        label = LoadImage(image_only=True, ensure_channel_first=True)(record["label"])
+    except Exception as err:  # noqa: BLE001 - readers raise many types; all mean "unreadable"
+        reason = (str(err.__cause__ or err).strip().splitlines() or [type(err).__name__])[-1]
+        raise ValueError(f"cannot read label {record['label']}: {reason}") from err
+    label = label.as_subclass(torch.Tensor)
+    if label.shape[0] > 1:
+        label = label.amax(0, keepdim=True)  # a label drawn in colour
+    while label.ndim > image.ndim and label.shape[-1] == 1:
+        label = label[..., 0]  # a 2-D label saved as a single-slice volume
+    spatial = tuple(image.shape[1:])
+    if tuple(label.shape[1:]) != spatial:
+        raise ValueError(f"label {Path(record['label']).name} has shape {tuple(label.shape[1:])}, its image "
+                         f"{Path(record['image']).name} {spatial}: they must share a grid")
+    entry = {"prompt": record["prompt"]}
+    if len(spatial) == 2:
+        return [{"image": record["image"], "label": record["label"], **entry}]
+    lesion = (label[0] > 0).flatten(0, 1).any(0).numpy()  # per slice along the last axis
+    labelled, empty = np.flatnonzero(lesion), np.flatnonzero(~lesion)
+    n_empty = min(len(empty), max(len(labelled), 1))
+    chosen = empty[np.linspace(0, len(empty) - 1, n_empty).round().astype(int)] if n_empty else empty
+    keep = sorted({*labelled.tolist(), *chosen.tolist()})
+    pairs = []
+    slice_dir.mkdir(parents=True, exist_ok=True)
+    for z in keep:
+        stem = slice_dir / f"{record['id']}_z{z:04d}"
+        nib.save(nib.Nifti1Image(image[0, ..., z].numpy().astype(np.float32), np.eye(4)), f"{stem}_image.nii.gz")
+        nib.save(nib.Nifti1Image((label[0, ..., z] > 0).numpy().astype(np.uint8), np.eye(4)), f"{stem}_label.nii.gz")
+        pairs.append({"image": f"{stem}_image.nii.gz", "label": f"{stem}_label.nii.gz", **entry})
+    return pairs
+
+
+def _number(request: dict, key: str, kind: type, minimum: float, maximum: float | None = None) -> Any:
+    value = request.get(key)
+    try:
+        number = kind(value)
+    except (TypeError, ValueError):
+        number = None
+    if number is None or number < minimum or (maximum is not None and number > maximum) or \
+            (kind is int and isinstance(value, float) and not value.is_integer()):
+        bound = f">= {minimum}" + (f" and <= {maximum}" if maximum is not None else "")
+        raise BadRequestError(f"train option {key} must be a{'n integer' if kind is int else ' number'} {bound}, "
+                              f"got {value!r}")
+    return number
+
+
+class FineTuneFromDatastore(TrainTask):
+    """Fine-tunes the served weights on the datastore's ``final`` labels and publishes the best validated weights.
+
+    Config (``/info``, settable per request): ``max_epochs``, ``batch_size``, ``lr``, ``max_train`` (0: all),
+    ``val_fraction`` (held out when there are 5+ records; with fewer, validation uses the training records),
+    ``prompt`` (for labels without text), ``device`` (``auto``, ``cpu``, ``cuda``), ``augment``, ``seed``.
+
+    Args:
+        infer_task: the infer task; training starts from the weights it serves (``get_path()``).
+        model_dir: where runs go (``runs/<time>/``) and the fine-tuned weights are published.
+        published: the published weight file (the last of the infer task's weight files).
+        model_name: the variant.
+        default_prompt: the prompt of labels without text.
+    """
+
+    def __init__(self, infer_task: Any, model_dir: str | os.PathLike, published: str | os.PathLike,
+                 model_name: str, default_prompt: str) -> None:
+        super().__init__("Fine-tune CausalCLIPSeg on the labels saved in the datastore (labels without text get "
+                         "the configured prompt)")
+        self.infer_task = infer_task
+        self.model_dir = Path(model_dir)
+        self.published = Path(published)
+        self.model_name = model_name
+        self._config = {"max_epochs": 5, "batch_size": 4, "lr": 1e-4, "max_train": 0, "val_fraction": 0.2,
+                        "prompt": default_prompt, "device": "auto", "augment": True, "seed": 0}
+
+    def config(self) -> dict:
+        return dict(self._config)
+
+    def stats(self) -> dict:
+        stats_file = self.model_dir / "train_stats.json"
+        try:
+            return json.loads(stats_file.read_text())
+        except (OSError, json.JSONDecodeError):
+            return {}
+
+    def __call__(self, request: dict, datastore: Datastore) -> dict:
+        req = {**self._config, **{k: v for k, v in request.items() if k in self._config}}
+        epochs = _number(req, "max_epochs", int, 1)
+        batch_size = _number(req, "batch_size", int, 1)
+        lr = _number(req, "lr", float, 1e-12, 1.0)
+        max_train = _number(req, "max_train", int, 0)
+        val_fraction = _number(req, "val_fraction", float, 0.0, 0.9)
+        seed = _number(req, "seed", int, 0)
+        prompt = req["prompt"]
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise BadRequestError(f"train option prompt (for labels without text) must contain text, got {prompt!r}")
+        augment = req["augment"] if isinstance(req["augment"], bool) else str(req["augment"]).lower() == "true"
+
+        start = time.time()
+        run_dir = self.model_dir / "runs" / time.strftime("%Y%m%d-%H%M%S")
+        while run_dir.exists():
+            run_dir = run_dir.with_name(run_dir.name + "_")
+        records = datastore_records(datastore, prompt.strip())
+        if not records:
+            raise BadRequestError("no image in the datastore has a final label: save one (e.g. from Slicer) first")
+        pairs, skipped = [], []
+        for record in records[: max_train or None]:
+            try:
+                pairs.append(_as_training_pairs(record, run_dir / "slices"))
+            except ValueError as err:
+                skipped.append(f"{record['id']}: {err}")
+                logger.warning("skipping %s: %s", record["id"], err)
+        pairs = [p for group in pairs for p in group]
+        if not pairs:
+            raise BadRequestError(f"none of the {len(records)} labelled images can be used: {'; '.join(skipped)}")
+        n_val = int(round(len(pairs) * val_fraction)) if len(pairs) >= 5 else 0
+        validation = pairs[len(pairs) - n_val:] if n_val else pairs
+        training = pairs[: len(pairs) - n_val]
+        datalist = run_dir / "datalist.json"
+        datalist.parent.mkdir(parents=True, exist_ok=True)
+        datalist.write_text(json.dumps({"training": training, "validation": validation}, indent=2))
+
+        init = self.infer_task.get_path()
+        cfg = TrainConfig(data=str(datalist), output_dir=str(run_dir / "train"), model=self.model_name,
+                          init_checkpoint=init, epochs=epochs, batch_size=batch_size, lr=lr, encoder_lr_scale=1.0,
+                          warmup_iterations=0, augment=augment, seed=seed, device=str(req["device"]),
+                          progress=False, cache=True, num_workers=0)
+        logger.info("fine-tuning %s from %s on %d images/slices (%d validation) from %d labelled images",
+                    self.model_name, init, len(training), len(validation), len(records))
+        try:
+            best = train(cfg)
+        except ValueError as err:
+            raise BadRequestError(f"training cannot run: {err}") from err
+        best_model = Path(cfg.output_dir) / "best_model.pt"
+        atomic_write(self.published, lambda tmp: shutil.copyfile(best_model, tmp))
+        stats = {
+            "published": str(self.published),
+            "started_from": init,
+            "run_dir": str(run_dir),
+            "labelled_images": len(records),
+            "training_items": len(training),
+            "validation_items": len(validation),
+            "validation_is_training": n_val == 0,
+            "prompts_from": {k: sum(r["prompt_from"] == k for r in records)
+                             for k in ("label info", "label params", "image info", "default")},
+            "skipped": skipped,
+            "epochs": epochs,
+            "best": best,
+            "seconds": round(time.time() - start, 1),
+            "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+        }
+        atomic_write(self.model_dir / "train_stats.json", lambda tmp: Path(tmp).write_text(json.dumps(stats, indent=2)))
+        logger.info("published %s (validation per-image Dice %.4f)", self.published, best.get("per_image/dice", -1))
+        return stats

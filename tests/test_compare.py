@@ -1,0 +1,101 @@
+"""The comparison arms: the vision-only U-Net baseline, training without text, and ``causalclipseg compare``."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from causalclipseg import cli, create_model
+from causalclipseg.data.transforms import get_train_transforms
+from causalclipseg.engine.checkpoint import save_weights
+from causalclipseg.engine.compare import ARMS
+from causalclipseg.engine.training import param_groups
+from causalclipseg.model.unet import TextFreeUNet
+from causalclipseg.tokenizer import PromptTokenizer
+
+from .conftest import PROMPT, register_config, write_datalist
+
+
+def test_unet_baseline_has_the_model_interface_and_ignores_text(tmp_path):
+    model = create_model("unet")
+    assert isinstance(model, TextFreeUNet)
+    image = torch.randn(2, 1, 64, 96)
+    text = model.tokenize([PROMPT, "left lung"])
+    logits = model(image, text)
+    assert logits.shape == (2, 1, 64, 96)
+    torch.testing.assert_close(model(image, model.tokenize("right lung")), logits)  # the prompt changes nothing
+    aux = model.forward_aux(image, text)
+    assert aux.confounder_logits is None and aux.masks == []
+    torch.testing.assert_close(aux.logits, logits)
+    path = save_weights(model.state_dict(), tmp_path / "unet.pt")
+    torch.testing.assert_close(create_model("unet", checkpoint=path)(image, text), logits)
+    with pytest.raises(ValueError, match="no CLIP encoders"):
+        create_model("unet", pretrained="openai")
+    with pytest.raises(ValueError, match="unknown key"):
+        register_config(tmp_path, "bad-unet", {"unet": {"channels": [8, 16], "strides": [2], "kernel": 3}})
+    with pytest.raises(ValueError, match="one stride per level"):
+        register_config(tmp_path, "bad-unet2", {"unet": {"channels": [8, 16, 32], "strides": [2]}})
+
+
+def test_param_groups_put_only_the_clip_towers_in_the_encoder_group():
+    tiny = create_model("tiny")
+    encoders, rest = param_groups(tiny, lr=1e-3, encoder_scale=0.1, weight_decay=0.0)
+    tower_ids = {id(p) for p in (*tiny.image_encoder.parameters(), *tiny.text_encoder.parameters())}
+    assert {id(p) for p in encoders["params"]} == tower_ids and encoders["lr"] == pytest.approx(1e-4)
+    assert len(encoders["params"]) + len(rest["params"]) == len(list(tiny.parameters()))
+    encoders, rest = param_groups(create_model("unet"), lr=1e-3, encoder_scale=0.1, weight_decay=0.0)
+    assert encoders["params"] == [] and rest["params"]
+
+
+def test_training_transforms_can_drop_the_text_and_refuse_swapped_prompts(tmp_path):
+    data = json.loads(write_datalist(tmp_path).read_text())["training"][0]
+    record = {key: str(tmp_path / data[key]) for key in ("image", "label")} | {"prompt": PROMPT}
+    empty = get_train_transforms(64, 32, augment=True, prompt_transform="empty")
+    empty.set_random_state(seed=3)
+    out = empty(dict(record))
+    assert out["prompt"] == ""
+    torch.testing.assert_close(out["text"], PromptTokenizer(32)("", allow_empty=True)[0])
+    kept = get_train_transforms(64, 32, augment=False)(dict(record))
+    assert kept["prompt"] == PROMPT
+    np.testing.assert_array_equal(get_train_transforms(64, 32, augment=False, prompt_transform="empty")(
+        dict(record))["image"], kept["image"])  # only the text differs
+    with pytest.raises(ValueError, match="wrong side"):
+        get_train_transforms(64, 32, prompt_transform="swap")
+
+
+def test_compare_trains_every_arm_per_seed_and_tabulates(tmp_path, capsys):
+    data = write_datalist(tmp_path, n=6)
+    out = tmp_path / "comparison"
+    args = ["compare", "--data", str(data), "--output-dir", str(out), "--epochs", "1", "--batch-size", "2",
+            "--warmup-iterations", "1", "--no-progress", "--device", "cpu", "--arms", "empty-prompt", "unet",
+            "--seeds", "0", "1"]
+    assert cli.main(args) == 0
+    table = capsys.readouterr().out
+    result = json.loads((out / "comparison.json").read_text())
+    assert [(r["arm"], r["seed"]) for r in result["runs"]] == [("empty-prompt", 0), ("empty-prompt", 1),
+                                                               ("unet", 0), ("unet", 1)]
+    for run in result["runs"]:
+        train_config = json.loads((out / f"{run['arm']}_seed{run['seed']}" / "train_config.json").read_text())
+        assert train_config["model"] == ARMS[run["arm"]].model and train_config["seed"] == run["seed"]
+        assert train_config["prompt_transform"] == ARMS[run["arm"]].prompt_transform
+        assert train_config["epochs"] == 1 and train_config["batch_size"] == 2  # the same budget for every arm
+        assert 0.0 <= run["per_image/dice"] <= 1.0 and run["train_seconds"] > 0
+    unet = [r["per_image/dice"] for r in result["runs"] if r["arm"] == "unet"]
+    stats = result["summary"]["unet"]["per_image/dice"]
+    assert stats["n"] == 2 and stats["mean"] == pytest.approx(np.mean(unet))
+    assert stats["std"] == pytest.approx(np.std(unet, ddof=1))
+    assert ARMS["unet"].label in table and "+/-" in table
+    assert (out / "comparison.md").read_text().strip() == table.strip()
+    # run again: every arm is complete, so nothing retrains and the scores are the same
+    assert cli.main(args) == 0
+    again = json.loads((out / "comparison.json").read_text())
+    assert [r["per_image/dice"] for r in again["runs"]] == [r["per_image/dice"] for r in result["runs"]]
+
+
+def test_compare_rejects_an_unknown_arm(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["compare", "--data", str(tmp_path), "--output-dir", str(tmp_path / "o"), "--arms", "nnunet"])
+    assert "invalid choice" in capsys.readouterr().err

@@ -1,0 +1,350 @@
+"""The MONAI Label app (``monailabel_app/``) on a real MONAI Label server, started here on a free loopback port.
+
+The server (``monailabel start_server --app monailabel_app ...``) runs in its own process group with its own
+temporary folder, a studies folder written here (a PNG X-ray, a single-slice NIfTI, a NIfTI volume) and a random
+tiny checkpoint chosen with ``--conf checkpoint``; it is stopped by its process group id. Requests go through MONAI
+Label's own client (``monailabel.client.MONAILabelClient``) and once through the Slicer extension's client. The
+random weights make no sensible masks: the tests check the grid, the values, that the prompt reaches the network
+(thresholds at the median probability of one prompt, as in ``test_bundle.py``) and the error answers. The last test
+fine-tunes from labels saved in the datastore (the active-learning loop) and checks that the server then serves the
+fine-tuned weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("monailabel", reason="MONAI Label is not installed here: pip install -e '.[test,monailabel]'")
+
+import nibabel as nib  # noqa: E402
+import torch  # noqa: E402
+from monailabel.client import MONAILabelClient  # noqa: E402
+from monailabel.client.client import MONAILabelClientException  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from causalclipseg import create_model  # noqa: E402
+from causalclipseg.bundle import BundleNetwork, LoadSegmentableImaged, SliceWiseInferer  # noqa: E402
+from causalclipseg.engine.checkpoint import save_weights  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+APP = REPO / "monailabel_app"
+SLICER_MODULE = REPO / "slicer_extension" / "TextPromptSegmentation"
+MODEL = "causalclipseg"
+PROMPT_A = "bilateral pulmonary infection, two infected areas, lower left lung and lower right lung."
+PROMPT_B = "unilateral pulmonary infection, one infected area, upper right lung."
+OBLIQUE = np.array([[0.9, 0.3, 0.0, -20.0], [-0.3, 0.9, 0.0, 15.0], [0.0, 0.0, 2.5, 40.0], [0.0, 0.0, 0.0, 1.0]])
+START_TIMEOUT = 180  # seconds for the server to answer /info/ (imports and the network; about 15 s here)
+REQUEST_TIMEOUT = 120  # seconds for any one request (the official client has no timeout of its own)
+
+
+# ----------------------------------------------------------------------------------------------- the server
+def write_studies(root: Path) -> dict[str, Path]:
+    """A studies folder (PNG X-ray 72 rows x 88 columns, single-slice NIfTI, NIfTI volume) and a random tiny
+    checkpoint beside it."""
+    rng = np.random.default_rng(0)
+    studies = root / "studies"
+    studies.mkdir(parents=True)
+    rows, cols = np.mgrid[0:72, 0:88]
+    chest = 120 + 60 * np.cos(cols / 88 * 2 * np.pi) * np.sin(rows / 72 * np.pi) + rng.normal(0, 20, (72, 88))
+    Image.fromarray(np.clip(chest, 0, 255).astype(np.uint8)).save(studies / "xray1.png")
+    nib.save(nib.Nifti1Image(rng.random((48, 40, 1)).astype(np.float32), OBLIQUE), studies / "slice1.nii.gz")
+    nib.save(nib.Nifti1Image(rng.random((40, 36, 5)).astype(np.float32), OBLIQUE), studies / "vol1.nii.gz")
+    torch.manual_seed(0)
+    checkpoint = save_weights(create_model("tiny").state_dict(), root / "random_tiny.pt", half=True)
+    return {"studies": studies, "checkpoint": checkpoint, "xray1": studies / "xray1.png",
+            "slice1": studies / "slice1.nii.gz", "vol1": studies / "vol1.nii.gz"}
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class MonaiLabelServer:
+    """``monailabel start_server --app monailabel_app`` in its own process group, on a free loopback port.
+
+    Its temporary folder (``TMPDIR``) is ``root/server_tmp``, so uploads and results it leaves behind can be found.
+    """
+
+    def __init__(self, root: Path, studies: Path, checkpoint: Path) -> None:
+        self.root = root
+        self.studies = studies
+        self.tmpdir = root / "server_tmp"
+        self.model_dir = root / "model"
+        self.log = root / "server.log"
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.tmpdir.mkdir(parents=True, exist_ok=True)
+        script = Path(sys.executable).parent / "monailabel"  # bash: exec $MONAILABEL_PYEXE -m monailabel.main
+        launcher = [str(script)] if script.exists() else [sys.executable, "-m", "monailabel.main"]
+        self.command = [*launcher, "start_server", "--app", "monailabel_app", "--studies", str(studies),
+                        "--host", "127.0.0.1", "--port", str(self.port), "--conf", "checkpoint", str(checkpoint),
+                        "--conf", "model_dir", str(self.model_dir)]
+        self.env = {**os.environ, "MONAILABEL_PYEXE": sys.executable, "TMPDIR": str(self.tmpdir),
+                    "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+                    "PYTHONWARNINGS": "ignore"}
+        self.process: subprocess.Popen | None = None
+
+    def start(self, timeout: float = START_TIMEOUT) -> None:
+        """Start and wait (bounded) until ``/info/`` answers.
+
+        Raises:
+            RuntimeError: if the server exits or does not answer in time (with the end of its log).
+        """
+        import requests
+
+        with open(self.log, "wb") as log:
+            self.process = subprocess.Popen(self.command, cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                            start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the server exited with {self.process.returncode}:\n{self.log_tail()}")
+            try:
+                if requests.get(f"{self.url}/info/", timeout=5).status_code == 200:
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise RuntimeError(f"the server did not answer /info/ within {timeout} s:\n{self.log_tail()}")
+
+    def stop(self) -> None:
+        """SIGTERM to the server's process group, SIGKILL after 20 s."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        pgid = os.getpgid(self.process.pid)
+        os.killpg(pgid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(pgid, signal.SIGKILL)
+            self.process.wait(timeout=20)
+
+    def log_tail(self, chars: int = 4000) -> str:
+        return self.log.read_text(errors="replace")[-chars:] if self.log.exists() else ""
+
+    def client(self, tmpdir: Path) -> MONAILabelClient:
+        tmpdir.mkdir(parents=True, exist_ok=True)
+        return MONAILabelClient(self.url, tmpdir=str(tmpdir))
+
+
+@pytest.fixture(scope="module")
+def request_timeout() -> Iterator[None]:
+    """Bound every socket operation of the official client (it sets no timeout itself)."""
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(REQUEST_TIMEOUT)
+    yield
+    socket.setdefaulttimeout(previous)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict[str, Path]:
+    return write_studies(tmp_path_factory.mktemp("monailabel_app"))
+
+
+@pytest.fixture(scope="module")
+def server(data, request_timeout) -> Iterator[MonaiLabelServer]:
+    srv = MonaiLabelServer(data["studies"].parent, data["studies"], data["checkpoint"])
+    srv.start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+def median_threshold(checkpoint: Path, image: Path, prompt: str) -> float:
+    """The median lesion probability of ``image`` under ``prompt``, computed here with the bundle's network."""
+    network = BundleNetwork("tiny", prompt)
+    network.load_state_dict(torch.load(checkpoint, weights_only=True))
+    loaded = LoadSegmentableImaged("image")({"image": str(image)})["image"]
+    with torch.no_grad():
+        return float(torch.sigmoid(SliceWiseInferer(progress=False)(loaded[None], network.eval())).median())
+
+
+def png_label(path: str) -> np.ndarray:
+    return np.asarray(Image.open(path))
+
+
+# -------------------------------------------------------------------------------------------------- the tests
+def test_info_shows_the_prompt_option_and_both_tasks(server):
+    info = server.client(server.root / "c_info").info()
+    model = info["models"][MODEL]
+    bundle = json.loads((REPO / "bundle" / "configs" / "inference.json").read_text())
+    assert model["config"]["prompt"] == bundle["prompt"]
+    assert model["config"]["threshold"] == bundle["threshold"]
+    assert model["labels"] == {"lesion": 1} and model["type"] == "segmentation"
+    assert info["trainers"][MODEL]["config"]["prompt"] == bundle["prompt"]
+    assert info["datastore"]["total"] == 3
+
+
+def test_png_label_lies_on_the_picture_and_the_prompt_reaches_the_network(server, data):
+    client = server.client(server.root / "c_png")
+    threshold = median_threshold(data["checkpoint"], data["xray1"], PROMPT_A)
+    masks = {}
+    for prompt in (PROMPT_A, PROMPT_B):
+        label, params = client.infer(MODEL, "xray1", {"prompt": prompt, "threshold": threshold})
+        assert label.endswith(".png") and params["prompt"] == prompt and params["weights"] == "random_tiny.pt"
+        masks[prompt] = png_label(label)
+        assert masks[prompt].shape == png_label(str(data["xray1"])).shape == (72, 88)  # rows x columns
+        assert set(np.unique(masks[prompt])) <= {0, 1}
+    assert 0 < masks[PROMPT_A].mean() < 1  # prompt A's mask is neither empty nor full at its median
+    assert (masks[PROMPT_A] != masks[PROMPT_B]).any()  # the other prompt changes the mask
+
+
+def test_uploaded_png_and_nifti_result_extension(server, data):
+    client = server.client(server.root / "c_upload")
+    label, params = client.infer(MODEL, "", {"prompt": PROMPT_B}, file=str(data["xray1"]))
+    assert png_label(label).shape == (72, 88) and params["prompt"] == PROMPT_B
+    label, _ = client.infer(MODEL, "", {"prompt": PROMPT_B, "result_extension": ".nii.gz"}, file=str(data["xray1"]))
+    assert nib.load(label).shape == (88, 72)  # MONAI's axis order: x (columns) first
+
+
+@pytest.mark.parametrize("name, how", [("slice1", "id"), ("vol1", "id"), ("vol1", "upload")])
+def test_nifti_labels_keep_the_input_grid(server, data, name, how):
+    client = server.client(server.root / f"c_{name}_{how}")
+    threshold = median_threshold(data["checkpoint"], data[name], PROMPT_A)
+    image_id, file = (name, None) if how == "id" else ("", str(data[name]))
+    label, params = client.infer(MODEL, image_id, {"prompt": PROMPT_A, "threshold": threshold}, file=file)
+    result, source = nib.load(label), nib.load(data[name])
+    assert result.shape == source.shape and np.allclose(result.affine, source.affine)
+    values = np.asarray(result.dataobj)
+    assert set(np.unique(values)) <= {0, 1} and 0 < values.mean() < 1
+    assert params["prompt"] == PROMPT_A
+
+
+def test_volume_as_nrrd(server, data):
+    import nrrd
+
+    label, _ = server.client(server.root / "c_nrrd").infer(MODEL, "vol1", {"prompt": PROMPT_A,
+                                                                            "result_extension": ".nrrd"})
+    values, header = nrrd.read(label)
+    assert label.endswith(".nrrd") and values.shape == (40, 36, 5) and set(np.unique(values)) <= {0, 1}
+
+
+@pytest.mark.parametrize("params, image, status, message", [
+    ({"prompt": "   "}, "xray1", 400, "prompt must contain text"),
+    ({"prompt": 7}, "xray1", 400, "prompt must be a str"),
+    ({"prompt": PROMPT_A, "threshold": 2}, "xray1", 400, "threshold must be a number in (0, 1)"),
+    ({"prompt": PROMPT_A, "result_extension": ".jpg"}, "xray1", 400, "result_extension must be one of"),
+    ({"prompt": PROMPT_A}, "upload:broken.png", 400, "cannot read the uploaded .png image"),
+    ({"prompt": PROMPT_A}, "nosuchimage", 404, "'nosuchimage' is neither an image id of the datastore"),
+])
+def test_bad_requests_answer_4xx_with_one_line(server, params, image, status, message):
+    client = server.client(server.root / "c_bad")
+    file = None
+    if image.startswith("upload:"):
+        file = server.root / image.split(":", 1)[1]
+        file.write_text("this is not an image")
+        image = ""
+    before = set(server.tmpdir.iterdir())
+    with pytest.raises(MONAILabelClientException) as info:
+        client.infer(MODEL, image, params, file=str(file) if file else None)
+    text = info.value.msg
+    assert f"Status: {status};" in text and message in text, text
+    detail = json.loads(text.split("Response: ", 1)[1])["detail"]
+    assert "\n" not in detail and "Traceback" not in detail
+    assert not set(server.tmpdir.iterdir()) - before  # the upload was removed although the request failed
+    assert client.info()["models"][MODEL]  # the server is still up
+
+
+def test_unknown_model_is_404(server, data):
+    import requests
+
+    with open(data["xray1"], "rb") as f:
+        answer = requests.post(f"{server.url}/infer/nosuchmodel", files={"file": ("x.png", f)},
+                               data={"params": "{}"}, timeout=REQUEST_TIMEOUT)
+    assert answer.status_code == 404 and "no model 'nosuchmodel'" in answer.json()["detail"]
+
+
+def test_default_conf_serves_the_bundle_weights_in_process(qata_root, tmp_path):
+    """Without ``--conf checkpoint`` the app serves ``bundle/models/model.pt`` (the package's weights, one file);
+    on five QaTa-COV19 validation images with their own captions the shipped model finds the lesions (mean Dice;
+    the model's validation mean is 0.77). Through the app object, as ``monailabel.interfaces.utils.app`` runs it."""
+    from monailabel.interfaces.utils.app import app_instance
+
+    images = sorted((qata_root / "images" / "valid" / "images").glob("*.png"))[:5]
+    captions = {r["image_path"]: r["caption"]
+                for r in json.loads((qata_root / "prompts" / "annotation.json").read_text())["valid"]}
+    (tmp_path / "studies").mkdir()
+    for i, image in enumerate(images):
+        (tmp_path / "studies" / f"x{i}.png").write_bytes(image.read_bytes())
+    app = app_instance(app_dir=str(APP), studies=str(tmp_path / "studies"), conf={"model_dir": str(tmp_path / "m")})
+    served = Path(app.infer_task.get_path())
+    assert served == (REPO / "bundle" / "models" / "model.pt").resolve() == \
+        (REPO / "causalclipseg" / "weights" / "causalclipseg_tiny_qata.pt").resolve()
+    dice = []
+    for i, image in enumerate(images):
+        result = app.infer({"model": MODEL, "image": f"x{i}", "prompt": captions[f"mask_{image.name}"]})
+        mask = png_label(result["file"]) > 0
+        Path(result["file"]).unlink()
+        truth = png_label(str(image.parent.parent / "masks" / f"mask_{image.name}")) > 0
+        assert mask.shape == truth.shape and result["params"]["weights"] == served.name
+        dice.append(2 * (mask & truth).sum() / max(1, mask.sum() + truth.sum()))
+    print(f"Dice of the shipped weights served by the app: {np.round(dice, 3)}")
+    assert np.mean(dice) > 0.6
+
+
+def test_slicer_extension_client_against_the_real_server(server, tmp_path):
+    sys.path.insert(0, str(SLICER_MODULE))
+    try:
+        from TextPromptSegmentationLib import monailabel_client, volume_io
+    finally:
+        sys.path.remove(str(SLICER_MODULE))
+    assert monailabel_client.available_models(monailabel_client.info(server.url)) == [MODEL]
+    rng = np.random.default_rng(3)
+    shape = (3, 40, 48)  # (K, J, I) as Slicer holds a volume
+    image = volume_io.write_volume(tmp_path / "input.nii.gz", rng.random(shape).astype(np.float32), OBLIQUE)
+    result = monailabel_client.infer(server.url, MODEL, image, {"prompt": PROMPT_A, "device": "auto",
+                                                                "threshold": 0.5}, tmp_path / "out", timeout=120)
+    values, matrix = volume_io.read_volume(result)
+    assert volume_io.same_grid(values.shape, matrix, shape, OBLIQUE) and set(np.unique(values)) <= {0, 1}
+    with pytest.raises(monailabel_client.ServerError, match=r"HTTP 400 Bad Request: prompt must contain text"):
+        monailabel_client.infer(server.url, MODEL, image, {"prompt": ""}, tmp_path / "out2", timeout=120)
+
+
+def test_train_from_datastore_labels_then_serve_the_fine_tuned_weights(server, data):
+    """Labels saved as Slicer would (no text) and with a prompt; one epoch through the server's train task."""
+    client = server.client(server.root / "c_train")
+    label = np.zeros((72, 88), np.uint8)
+    label[20:50, 10:40] = 1
+    Image.fromarray(label).save(server.root / "xray1_label.png")
+    volume = nib.load(data["vol1"])
+    label3d = np.zeros(volume.shape, np.uint8)
+    label3d[5:25, 4:20, 1:3] = 1
+    nib.save(nib.Nifti1Image(label3d, volume.affine), server.root / "vol1_label.nii.gz")
+    client.save_label("xray1", str(server.root / "xray1_label.png"), tag="final", params={"prompt": PROMPT_B})
+    client.save_label("vol1", str(server.root / "vol1_label.nii.gz"), tag="final")  # as Slicer saves: no text
+
+    client.train_start(MODEL, {"max_epochs": 1, "batch_size": 2, "max_train": 2})
+    deadline = time.monotonic() + 300
+    status = {}
+    while time.monotonic() < deadline:
+        time.sleep(2)
+        status = client.train_status()
+        if status.get("status") not in ("SUBMITTED", "RUNNING"):
+            break
+    assert status.get("status") == "DONE", (status, server.log_tail())
+    stats = client.info()["train_stats"][MODEL]
+    assert stats["labelled_images"] == 2 and stats["epochs"] == 1
+    assert stats["prompts_from"] == {"label info": 1, "label params": 0, "image info": 0, "default": 1}
+    assert stats["started_from"] == str(data["checkpoint"])
+    published = Path(stats["published"])
+    assert published.is_file() and published.parent == server.model_dir
+    datalist = json.loads((Path(stats["run_dir"]) / "datalist.json").read_text())
+    prompts = {Path(r["image"]).name.split("_z")[0]: r["prompt"] for r in datalist["training"] + datalist["validation"]}
+    assert prompts["xray1.png"] == PROMPT_B and prompts["vol1"] == client.info()["trainers"][MODEL]["config"]["prompt"]
+    _, params = client.infer(MODEL, "xray1", {"prompt": PROMPT_A})
+    assert params["weights"] == published.name  # the next request is served by the fine-tuned weights
