@@ -17,11 +17,12 @@ from PIL import Image
 from causalclipseg.data.prompts import PROMPT_TRANSFORMS, get_prompt_transform, swap_laterality
 from causalclipseg.data.transforms import (
     Grayscale2D,
+    LoadSegmentableImaged,
     RandLateralFlipd,
     TokenizeText,
     TokenizeTextd,
-    get_inference_transforms,
     get_load_transforms,
+    get_slice_preprocessing,
     get_train_transforms,
     get_val_transforms,
 )
@@ -220,14 +221,16 @@ def test_inference_png_dicom_nifti_agree(tmp_path):
     save_dicom(ds, tmp_path / "x.dcm")
     assert pydicom.dcmread(tmp_path / "x.dcm").pixel_array.shape == (40, 60)
 
-    infer = get_inference_transforms(image_size=32, context_length=20)
-    outs = {ext: infer({"image": str(tmp_path / f"x.{ext}"), "prompt": "left lung"}) for ext in ("png", "dcm",
-                                                                                                 "nii.gz")}
-    for out in outs.values():
-        assert set(out) == {"image", "prompt", "text"}
-        assert out["image"].shape == (3, 32, 32) and out["text"].shape == (20,)
-    torch.testing.assert_close(outs["dcm"]["image"], outs["png"]["image"])
-    torch.testing.assert_close(outs["nii.gz"]["image"], outs["png"]["image"])
+    load, preprocess = LoadSegmentableImaged("image"), get_slice_preprocessing(32)  # what predict and the bundle do
+    outs = {}
+    for ext in ("png", "dcm", "nii.gz"):
+        image = load({"image": str(tmp_path / f"x.{ext}")})["image"]
+        image = image[..., 0] if image.ndim == 4 else image  # the NIfTI is a single-slice volume (1, X, Y, 1)
+        assert image.shape == (1, 60, 40), ext  # (C, X, Y): x = the picture's columns
+        outs[ext] = preprocess(image)
+        assert outs[ext].shape == (3, 32, 32)
+    torch.testing.assert_close(outs["dcm"], outs["png"])
+    torch.testing.assert_close(outs["nii.gz"], outs["png"])
 
 
 def test_grayscale2d_rejects_volumes():

@@ -8,7 +8,8 @@ Output contract of :func:`get_train_transforms` and :func:`get_val_transforms` (
 - ``text``: int64 ``(context_length,)`` CLIP token ids;
 - ``prompt``: the prompt string the tokens encode (after laterality swap or prompt transform).
 
-:func:`get_inference_transforms` gives ``image``, ``text`` and ``prompt`` from ``{"image": path, "prompt": str}``.
+Inference reads a file with :class:`LoadSegmentableImaged` and preprocesses each slice with
+:func:`get_slice_preprocessing` (the same steps and settings as the tail of these pipelines).
 
 Axis convention. Images are loaded by MONAI's ``LoadImaged``, which follows the world (ITK/NIfTI) convention for
 every reader: the first spatial axis is x, the image's columns (PIL images arrive transposed, ``(C, W, H)``;
@@ -76,7 +77,6 @@ __all__ = [
     "TokenizeTextd",
     "LoadSegmentableImaged",
     "MAX_INPUT_VOXELS",
-    "get_inference_transforms",
     "get_slice_preprocessing",
     "get_load_transforms",
     "get_train_transforms",
@@ -749,17 +749,3 @@ def get_val_transforms(image_size: int = 224, context_length: int = 32, prompt_t
     """
     keys = ("image", "label")
     return Compose(get_load_transforms(image_size, keys) + _finish_transforms(keys, context_length, prompt_transform))
-
-
-def get_inference_transforms(image_size: int = 224, context_length: int = 32) -> Compose:
-    """Inference transforms for ``{"image": path, "prompt": str}``: PNG/JPEG, DICOM or 2-D / single-slice NIfTI.
-
-    Output ``image`` float32 ``(3, S, S)`` (a ``MetaTensor`` whose ``applied_operations`` let ``Invertd`` bring the
-    prediction back to the input grid), ``text`` int64 ``(context_length,)``, ``prompt`` str.
-
-    Args:
-        image_size: side of the square model input.
-        context_length: token slots of the text encoder.
-    """
-    keys = ("image",)
-    return Compose(get_load_transforms(image_size, keys) + _finish_transforms(keys, context_length))
