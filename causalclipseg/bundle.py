@@ -2,7 +2,7 @@
 
 The walk of ``bundle/configs/inference.json``: :func:`list_inputs` (a file, a folder, a DICOM series or a
 datalist) -> :class:`LoadSegmentableImaged` (2-D ``(1, X, Y)`` or a volume ``(1, X, Y, Z)``, no
-resampling) -> :class:`SliceWiseInferer` (slices in batches through MONAI's ``SliceInferer``) ->
+resampling) -> :class:`SliceWiseInferer` (volumes streamed in batches of slices) ->
 :class:`BundleNetwork` (per-slice preprocessing, ``CausalCLIPSeg.forward`` with the prompt's tokens, logits back
 on the slice grid) -> sigmoid, threshold -> :class:`SaveMaskd` (NIfTI on the input's grid, PNG too for 2-D).
 
@@ -41,7 +41,7 @@ from .factory import DEFAULT_MODEL, create_model
 from .losses import CausalSegLoss
 from .metrics import SegmentationScores
 from .model.causalclipseg import CausalCLIPSegOutput
-from .tokenizer import validate_prompt
+from .tokenizer import read_prompt, validate_prompt
 
 logger = logging.getLogger(__name__)
 
@@ -62,14 +62,6 @@ def _raw_cli_value(key: str, argv: Sequence[str]) -> str | None:
         elif arg.startswith(f"--{key}="):
             value = arg.split("=", 1)[1]
     return value
-
-
-def _names_a_file(text: str) -> bool:
-    """Whether ``text`` is the path of an existing file (a prompt file passed as the prompt by mistake)."""
-    try:
-        return len(text) < 4096 and Path(text.strip()).is_file()
-    except (OSError, ValueError):  # not a possible path (NUL byte, too long)
-        return False
 
 
 def resolve_prompt(prompt: object = None, prompt_file: str | os.PathLike | None = None, key: str = "prompt",
@@ -93,10 +85,7 @@ def resolve_prompt(prompt: object = None, prompt_file: str | os.PathLike | None 
             or breaks the prompt policy of :func:`causalclipseg.tokenizer.validate_prompt`.
     """
     if prompt_file:
-        try:
-            text = Path(prompt_file).read_text(encoding="utf-8").strip()
-        except (OSError, UnicodeDecodeError) as err:
-            raise ValueError(f"cannot read prompt_file {prompt_file}: {err}") from err
+        text = read_prompt(None, prompt_file, f"--{key}_file")
         where = f"prompt_file {prompt_file}"
     else:
         text = prompt
@@ -111,9 +100,8 @@ def resolve_prompt(prompt: object = None, prompt_file: str | os.PathLike | None 
         where = key
     if not isinstance(text, str) or not text.strip():
         raise ValueError(f"{where} must contain text, got {text!r}: set --{key} 'your prompt' or --{key}_file FILE")
-    if not prompt_file and _names_a_file(text):
-        raise ValueError(f"{key} {text.strip()!r} is the name of a file: pass --{key}_file {text.strip()} to read "
-                         f"the prompt from it")
+    if not prompt_file:
+        read_prompt(text, None, f"--{key}_file")  # refuses a prompt that names a file
     logger.info("prompt: %r", text)
     return validate_prompt(text)
 

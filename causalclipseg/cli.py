@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from .factory import DEFAULT_MODEL, list_models
+from .tokenizer import read_prompt
 
 __all__ = ["main", "predict_main", "train_main", "evaluate_main", "compare_main"]
 
@@ -24,23 +25,6 @@ def _fail(message: str) -> int:
     """Print ``error: <message>`` as one line on stderr (library messages may span several) and return 2."""
     print(f"error: {' '.join(str(message).split())}", file=sys.stderr)
     return 2
-
-
-def _read_prompt(args: argparse.Namespace) -> str:
-    if args.prompt_file is not None:
-        try:
-            return Path(args.prompt_file).read_text(encoding="utf-8").strip()
-        except (OSError, UnicodeDecodeError) as err:
-            raise ValueError(f"cannot read prompt file {args.prompt_file}: {err}") from err
-    text = args.prompt
-    try:
-        names_a_file = bool(text.strip()) and len(text) < 4096 and Path(text.strip()).is_file()
-    except (OSError, ValueError):  # not a possible path (NUL byte, too long)
-        names_a_file = False
-    if names_a_file:
-        raise ValueError(f"the prompt {text.strip()!r} is the name of a file: pass --prompt-file {text.strip()} to "
-                         f"read the prompt from it, or write the prompt itself after --prompt")
-    return text
 
 
 def _model_args(parser: argparse.ArgumentParser) -> None:
@@ -72,7 +56,7 @@ def predict_main(argv: Sequence[str] | None = None) -> int:
 
     from .engine.inference import Predictor, find_images
     try:
-        text = _read_prompt(args)
+        text = read_prompt(args.prompt, args.prompt_file, "--prompt-file")
         files = find_images(args.inputs)
         predictor = Predictor(args.model, args.checkpoint, device=args.device, threshold=args.threshold)
         predictor.model.tokenize(text)

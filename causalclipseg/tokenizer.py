@@ -17,15 +17,17 @@ bundle and training:
 from __future__ import annotations
 
 import logging
+import os
 import re
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from open_clip.tokenizer import SimpleTokenizer
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PromptTokenizer", "validate_prompt"]
+__all__ = ["PromptTokenizer", "read_prompt", "validate_prompt"]
 
 _CONTROL = re.compile(r"[\x00-\x08\x0e-\x1b\x7f-\x9f]")  # C0/C1 controls but tab, newline, CR, VT, FF, FS-US
 _SURROGATE = re.compile(r"[\ud800-\udfff]")
@@ -58,6 +60,35 @@ def validate_prompt(prompt: object, allow_empty: bool = False) -> str:
                          f"(save prompt files as UTF-8)")
     if not allow_empty and not _WORD.search(prompt):
         raise ValueError(f"prompt must contain a word (a letter or a digit), got {prompt!r}")
+    return prompt
+
+
+def read_prompt(prompt: str | None, prompt_file: str | os.PathLike | None = None,
+                file_option: str = "--prompt-file") -> str | None:
+    """The prompt as the user gave it: the text of ``prompt_file`` (UTF-8, stripped) when given, else ``prompt``.
+
+    Not validated here (see :func:`validate_prompt`), but a ``prompt`` that is the path of an existing file is
+    refused: it is a prompt file passed as the prompt by mistake.
+
+    Args:
+        file_option: how the user names the prompt-file option, for the messages.
+
+    Raises:
+        ValueError: if the file cannot be read as UTF-8 text, or ``prompt`` names an existing file.
+    """
+    if prompt_file:
+        try:
+            return Path(prompt_file).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as err:
+            raise ValueError(f"cannot read {file_option.lstrip('-').replace('-', ' ')} {prompt_file}: {err}") from err
+    if isinstance(prompt, str) and prompt.strip():
+        try:
+            names_a_file = len(prompt) < 4096 and Path(prompt.strip()).is_file()
+        except (OSError, ValueError):  # not a possible path (NUL byte, too long)
+            names_a_file = False
+        if names_a_file:
+            raise ValueError(f"prompt {prompt.strip()!r} is the name of a file: pass {file_option} {prompt.strip()} "
+                             f"to read the prompt from it")
     return prompt
 
 

@@ -66,6 +66,7 @@ from causalclipseg.tokenizer import PromptTokenizer
 
 __all__ = [
     "LATERAL_AXIS",
+    "error_reason",
     "file_suffix",
     "Binarize",
     "Binarized",
@@ -329,7 +330,7 @@ def file_suffix(path: str | os.PathLike) -> str:
     return ".nii.gz" if name.endswith(".nii.gz") else path.suffix.lower()
 
 
-def _reason(err: BaseException) -> str:
+def error_reason(err: BaseException) -> str:
     """The most useful line of an exception message (libraries put the cause last), on one line."""
     lines = [line.strip() for line in str(err.__cause__ or err).strip().splitlines() if line.strip()]
     return lines[-1] if lines else type(err).__name__
@@ -411,7 +412,7 @@ def _dicom_header(path: Path) -> _InputHeader:
     except _Unreadable:
         raise
     except Exception as err:  # noqa: BLE001 - pydicom raises many types; all mean "broken header"
-        raise _Unreadable(f"its DICOM header cannot be read ({_reason(err)})") from err
+        raise _Unreadable(f"its DICOM header cannot be read ({error_reason(err)})") from err
     if syntax is not None:
         try:
             decoder = get_decoder(syntax) if syntax.is_compressed and get_decoder is not None else None
@@ -432,7 +433,7 @@ def _nibabel_header(path: Path) -> _InputHeader:
     try:
         image = nib.load(path)
     except Exception as err:  # noqa: BLE001 - nibabel raises many types; all mean "cannot read"
-        raise _Unreadable(_reason(err)) from err
+        raise _Unreadable(error_reason(err)) from err
     if not isinstance(image.header, AnalyzeHeader):  # MGH, MINC, PAR/REC, AFNI, CIFTI, ...
         raise _Unreadable(f"{type(image).__name__} files are not supported: convert it to NIfTI")
     return _InputHeader("NIfTI", type(image).__name__, int(np.prod(image.shape, dtype=np.int64)))
@@ -445,7 +446,7 @@ def _nrrd_header(path: Path) -> _InputHeader:
         header = nrrd.read_header(str(path))
         sizes = [int(s) for s in header["sizes"]]
     except Exception as err:  # noqa: BLE001 - pynrrd raises many types; all mean "broken header"
-        raise _Unreadable(f"its NRRD header cannot be read ({_reason(err)})") from err
+        raise _Unreadable(f"its NRRD header cannot be read ({error_reason(err)})") from err
     return _InputHeader("NRRD", "NRRD", int(np.prod(sizes, dtype=np.int64)))
 
 
@@ -464,7 +465,7 @@ def _read_input_header(path: str | os.PathLike, max_voxels: int = MAX_INPUT_VOXE
             with open(path, "rb") as f:
                 head = f.read(1024)
         except OSError as err:
-            raise _Unreadable(err.strerror or _reason(err)) from err
+            raise _Unreadable(err.strerror or error_reason(err)) from err
         if not head:
             raise _Unreadable("the file is empty (0 bytes)")
         found = _sniff(path, head)
@@ -584,7 +585,7 @@ class LoadSegmentableImaged(MapTransform):
             except _Unreadable as err:
                 raise ValueError(f"cannot read {source}: {err}") from err
             except Exception as err:  # noqa: BLE001 - readers raise many types; all mean "unreadable"
-                raise ValueError(f"cannot read {source}: {_reason(err)}") from err
+                raise ValueError(f"cannot read {source}: {error_reason(err)}") from err
             finally:
                 for warning in caught:  # readers' remarks on odd headers: kept out of the user's terminal
                     logger.debug("%s: %s", source, warning.message)

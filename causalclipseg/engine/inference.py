@@ -2,8 +2,8 @@
 
 The walk from file to mask: ``LoadSegmentableImaged`` (PNG/JPEG/BMP/TIFF, DICOM, NIfTI, NRRD; MONAI's
 axis order, x first) -> :class:`SliceSegmenter` (per slice: min-max to [0, 1], resize to the model size,
-CLIP normalisation -> ``CausalCLIPSeg.forward`` with the bound prompt -> logits resized back) run by MONAI's
-``SliceInferer`` in batches of slices (:class:`SliceWiseInferer`) -> sigmoid -> threshold -> writer with the
+CLIP normalisation -> ``CausalCLIPSeg.forward`` with the bound prompt -> logits resized back) streamed in batches
+of slices by :class:`SliceWiseInferer` -> sigmoid -> threshold -> writer with the
 input's geometry. Outputs are written atomically and never replace an existing file unless asked to.
 """
 

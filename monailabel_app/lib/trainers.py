@@ -28,7 +28,7 @@ from monai.transforms import LoadImage
 from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
 from monailabel.interfaces.tasks.train import TrainTask
 
-from causalclipseg.data.transforms import LoadSegmentableImaged
+from causalclipseg.data.transforms import LoadSegmentableImaged, error_reason
 from causalclipseg.engine.checkpoint import atomic_write
 from causalclipseg.engine.training import TrainConfig, train
 
@@ -75,8 +75,7 @@ def _as_training_pairs(record: dict, slice_dir: Path) -> list[dict]:
     try:
         label = LoadImage(image_only=True, ensure_channel_first=True)(record["label"])
     except Exception as err:  # noqa: BLE001 - readers raise many types; all mean "unreadable"
-        reason = (str(err.__cause__ or err).strip().splitlines() or [type(err).__name__])[-1]
-        raise ValueError(f"cannot read label {record['label']}: {reason}") from err
+        raise ValueError(f"cannot read label {record['label']}: {error_reason(err)}") from err
     label = label.as_subclass(torch.Tensor)
     if label.shape[0] > 1:
         label = label.amax(0, keepdim=True)  # a label drawn in colour
