@@ -2,15 +2,16 @@
 
 The walk of ``bundle/configs/inference.json``: :func:`list_inputs` (a file, a folder, a DICOM series or a
 datalist) -> :class:`LoadSegmentableImaged` (2-D ``(1, X, Y)`` or a volume ``(1, X, Y, Z)``, no
-resampling) -> :class:`SliceWiseInferer` (volumes streamed in batches of slices) ->
-:class:`BundleNetwork` (per-slice preprocessing, ``CausalCLIPSeg.forward`` with the prompt's tokens, logits back
-on the slice grid) -> sigmoid, threshold -> :class:`SaveMaskd` (NIfTI on the input's grid, PNG too for 2-D).
+resampling) -> :class:`DisplayOrientationd` (the patient's left on the image's right) -> :class:`SliceWiseInferer`
+(volumes streamed in batches of slices) -> :class:`BundleNetwork` (per-slice preprocessing, ``CausalCLIPSeg.forward``
+with the prompt's tokens, logits back on the slice grid) -> ``Invertd`` (back to the input's grid) -> sigmoid,
+threshold -> :class:`SaveMaskd` (NIfTI on the input's grid, PNG too for 2-D).
 
 The prompt comes from the config, the command line (:func:`resolve_prompt` undoes what python-fire does to
-``"left, right"``) or a file. Training (``train.json``) reuses the package's transforms, loss and
-gradient-reversal schedule through :class:`TrainingNetwork`, :class:`StackedCausalSegLoss` and
-:class:`ReversalSchedule`; evaluation (``evaluate.json``) reports both metric protocols with
-:class:`SegmentationScoresHandler`.
+``"left, right"``) or a file; its "left" and "right" are the patient's sides unless ``prompt_side`` is ``viewer``.
+Training (``train.json``) reuses the package's transforms, loss and gradient-reversal schedule through
+:class:`TrainingNetwork`, :class:`StackedCausalSegLoss` and :class:`ReversalSchedule`; evaluation
+(``evaluate.json``) reports both metric protocols with :class:`SegmentationScoresHandler`.
 """
 
 from __future__ import annotations
@@ -33,11 +34,14 @@ from monai.transforms import MapTransform, SaveImage
 from monai.utils import ImageMetaKey
 from torch import nn
 
+from .data.prompts import check_prompt_side
 from .data.transforms import LoadSegmentableImaged, get_slice_preprocessing
 from .engine.checkpoint import atomic_write
-from .engine.inference import IMAGE_SUFFIXES, GridNibabelWriter, SliceWiseInferer, find_images, inference_ready
+from .engine.inference import GridNibabelWriter, SliceWiseInferer, inference_ready, model_tokens
 from .engine.training import param_groups, reversal_coefficient
 from .factory import DEFAULT_MODEL, create_model
+from .io import inputs as io_inputs
+from .io.orientation import DisplayOrientationd
 from .losses import CausalSegLoss
 from .metrics import SegmentationScores
 from .model.causalclipseg import CausalCLIPSegOutput
@@ -45,11 +49,10 @@ from .tokenizer import read_prompt, validate_prompt
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BundleNetwork", "ExportNetwork", "LoadSegmentableImaged", "ReversalSchedule", "SaveMaskd",
-           "SegmentationScoresHandler", "SliceWiseInferer", "StackedCausalSegLoss", "TrainingNetwork", "list_inputs",
-           "optimizer_param_groups", "resolve_prompt"]
+__all__ = ["BundleNetwork", "DisplayOrientationd", "ExportNetwork", "LoadSegmentableImaged", "ReversalSchedule",
+           "SaveMaskd", "SegmentationScoresHandler", "SliceWiseInferer", "StackedCausalSegLoss", "TrainingNetwork",
+           "list_inputs", "optimizer_param_groups", "resolve_prompt"]
 
-_DATALIST_KEYS = ("testing", "test", "validation", "training")
 
 
 # ----------------------------------------------------------------------------------------------------- prompts
@@ -107,78 +110,14 @@ def resolve_prompt(prompt: object = None, prompt_file: str | os.PathLike | None 
 
 
 # ------------------------------------------------------------------------------------------------------ inputs
-def _dicom_series_uid(files: list[Path]) -> str | None:
-    """The SeriesInstanceUID shared by all ``files`` if they are 2+ DICOM slices of one series, else ``None``."""
-    import pydicom
-
-    if len(files) < 2:
-        return None
-    uids = set()
-    for file in files:
-        try:
-            ds = pydicom.dcmread(file, stop_before_pixels=True, specific_tags=["SeriesInstanceUID"])
-        except Exception:  # noqa: BLE001 - pydicom raises many types; all mean "not a DICOM file"
-            return None
-        uids.add(str(getattr(ds, "SeriesInstanceUID", "")))
-    return uids.pop() if len(uids) == 1 and "" not in uids else None
-
-
-def _read_inference_datalist(path: Path) -> list[Path]:
-    """Image paths of a datalist JSON: a list, or the first of ``testing``/``test``/``validation``/``training``."""
-    try:
-        content = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"cannot read datalist {path}: {err}") from err
-    if isinstance(content, dict):
-        key = next((k for k in _DATALIST_KEYS if k in content), None)
-        if key is None:
-            raise ValueError(f"datalist {path} has none of the keys {list(_DATALIST_KEYS)} (keys: {sorted(content)})")
-        content = content[key]
-    if not isinstance(content, list) or not content:
-        raise ValueError(f"datalist {path} must hold a non-empty list of images, got {type(content).__name__}")
-    images = []
-    for i, entry in enumerate(content):
-        image = entry.get("image") if isinstance(entry, dict) else entry
-        if not isinstance(image, str) or not image:
-            raise ValueError(f"datalist {path} entry {i} has no 'image' path: {entry!r:.120}")
-        images.append(path.parent / image)
-    return images
-
-
 def list_inputs(inputs: str | os.PathLike | Sequence[str | os.PathLike]) -> list[dict[str, str]]:
-    """Records ``{"image": path}`` to segment, one per image or volume.
-
-    Each input may be an image file (PNG/JPEG/BMP/TIFF, DICOM, NIfTI, NRRD), a datalist JSON (a list of paths or
-    ``{"image": ...}`` entries, or such a list under ``testing``), a folder holding one DICOM series (2+ ``.dcm``
-    files with one SeriesInstanceUID: one volume), or a folder of image files (each one input).
+    """Records ``{"image": path}`` for the evaluator's dataset: one per input of
+    :func:`causalclipseg.io.inputs.list_inputs` (the input policy every front door shares).
 
     Raises:
-        FileNotFoundError: if an input, or a file named by a datalist, does not exist.
-        ValueError: for an empty folder or an unusable datalist.
+        FileNotFoundError, ValueError: as :func:`causalclipseg.io.inputs.list_inputs`.
     """
-    items = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
-    if not items:
-        raise ValueError("input must name at least one file or folder, got an empty list")
-    records: list[str] = []
-    for item in map(Path, items):
-        if item.is_file() and item.suffix.lower() == ".json":
-            paths = _read_inference_datalist(item)
-            missing = [str(p) for p in paths if not p.exists()]
-            if missing:
-                raise FileNotFoundError(f"datalist {item} names missing files: {', '.join(missing[:3])}")
-            records += [str(p) for p in paths]
-        elif item.is_dir():
-            dicoms = sorted(p for p in item.iterdir() if p.is_file() and p.suffix.lower() == ".dcm")
-            if dicoms and _dicom_series_uid(dicoms) is not None:
-                records.append(str(item))
-            else:
-                records += [str(p) for p in find_images([item])]
-        elif item.exists():
-            records.append(str(item))
-        else:
-            raise FileNotFoundError(f"input not found: {item} (expected an image file, a folder or a datalist JSON; "
-                                    f"images: {', '.join(IMAGE_SUFFIXES)})")
-    return [{"image": r} for r in records]
+    return [{"image": str(path)} for path in io_inputs.list_inputs(inputs)]
 
 
 # ----------------------------------------------------------------------------------------------------- network
@@ -208,40 +147,52 @@ class BundleNetwork(nn.Module):
     the command line (a list of token ids or a string), MONAI Label and scripts pass token tensors.
 
     Its state dict has CausalCLIPSeg's keys (no ``model.`` prefix), so ``models/model.pt`` is the package's weight
-    file, usable by ``create_model(checkpoint=...)`` as well as by MONAI's ``CheckpointLoader``.
+    file, usable by ``create_model(checkpoint=...)`` as well as by MONAI's ``CheckpointLoader``. Prompt strings are
+    translated to the loaded weights' laterality convention when they are tokenised, after the weights are loaded
+    (:func:`~causalclipseg.engine.inference.model_tokens`); token ids are taken as they are.
 
     Args:
         model_name: a variant from :func:`causalclipseg.list_models` (random weights; load a checkpoint after).
         prompt: the prompt used when ``forward`` gets no text; ``None`` to require text.
         pretrained: CLIP encoder weights (an open_clip tag or file), for training from CLIP.
+        prompt_side: whose left the prompts' "left" is: ``patient`` (default) or ``viewer``.
+        model_prompt_side: the convention the weights learn when trained (training reads captions in it); loaded
+            weights bring their own.
     """
 
     def __init__(self, model_name: str = DEFAULT_MODEL, prompt: str | None = None,
-                 pretrained: str | None = None) -> None:
+                 pretrained: str | None = None, prompt_side: str = "patient",
+                 model_prompt_side: str | None = None) -> None:
         super().__init__()
         self.model = inference_ready(create_model(model_name, pretrained=pretrained))  # channels-last weights
+        if model_prompt_side is not None:
+            self.model.prompt_side = model_prompt_side
         self.preprocess = get_slice_preprocessing(self.model.config.image_size)
         self.context_length = self.model.tokenizer.context_length
-        tokens = self.model.tokenize(prompt) if prompt is not None else torch.zeros(0, self.context_length)
-        self.register_buffer("tokens", tokens.long(), persistent=False)  # (1, L), or (0, L) when unbound
+        self.prompt_side = check_prompt_side(prompt_side)
+        self.prompt = prompt
+        if prompt is not None:
+            model_tokens(self.model, prompt, self.prompt_side)  # refuse a bad prompt now, not at the first slice
+        self.register_buffer("device_marker", torch.zeros(0), persistent=False)  # follows .to(device)
         self.register_state_dict_post_hook(_strip_model_prefix)
         self.register_load_state_dict_pre_hook(_add_model_prefix)
 
     def as_tokens(self, text: torch.Tensor | Sequence | str | None) -> torch.Tensor:
-        """Token ids ``(B, context_length)`` from token ids (tensor or nested list, zero-padded), a prompt string,
-        or ``None`` (the bound prompt).
+        """Token ids ``(B, context_length)`` from token ids (tensor or nested list, zero-padded), a prompt string
+        (translated to the model's laterality convention), or ``None`` (the bound prompt).
 
         Raises:
             ValueError: if ``text`` is ``None`` and no prompt is bound, or holds too many tokens.
         """
+        device = self.device_marker.device
         if text is None:
-            if self.tokens.shape[0] == 0:
+            if self.prompt is None:
                 raise ValueError("text is required: pass token ids (B, L) or a prompt, or build the network with "
                                  "a prompt")
-            return self.tokens
+            text = self.prompt
         if isinstance(text, str):
-            return self.model.tokenize(text).to(self.tokens.device)
-        tokens = torch.as_tensor(text, dtype=torch.int64, device=self.tokens.device)
+            return model_tokens(self.model, text, self.prompt_side).to(device)
+        tokens = torch.as_tensor(text, dtype=torch.int64, device=device)
         tokens = tokens[None] if tokens.ndim == 1 else tokens  # (L,) -> (1, L)
         if tokens.ndim != 2 or tokens.shape[1] > self.context_length:
             raise ValueError(f"text must be (B, L) token ids with L <= {self.context_length}, got shape "

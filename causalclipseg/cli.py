@@ -13,6 +13,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from .data.prompts import PROMPT_SIDES
 from .factory import DEFAULT_MODEL, list_models
 from .tokenizer import read_prompt
 
@@ -39,14 +40,23 @@ def predict_main(argv: Sequence[str] | None = None) -> int:
     """Segment image files or folders with a prompt; writes ``<name>_mask.*`` and ``<name>_overlay.png``."""
     parser = argparse.ArgumentParser(
         prog="causalclipseg predict", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        description="Segment what the prompt describes. Inputs: PNG/JPEG/BMP/TIFF, DICOM or single-slice NIfTI "
-                    "files, or folders of them. Masks are written on the input's grid: PNG (0/255) for pictures, "
-                    "NIfTI (0/1, the input's geometry) for DICOM and NIfTI; plus an overlay PNG.")
-    parser.add_argument("inputs", nargs="+", help="image files or folders")
+        description="Segment what the prompt describes. 'Left' and 'right' in the prompt are the PATIENT's sides, "
+                    "as clinicians say (on a frontal X-ray in standard display the patient's left lung is on the "
+                    "image's right); use --prompt-side viewer for prompts naming the image's sides, such as "
+                    "QaTa-COV19's captions as written. Inputs: X-rays and slices as PNG/JPEG/BMP/TIFF (taken as "
+                    "stored, i.e. in standard display), DICOM files (shown as a viewer shows them: rescale, window, "
+                    "orientation), NIfTI/NRRD volumes or slices (oriented by their affine), folders of them, a folder "
+                    "holding one DICOM series (one volume), or a datalist JSON. Masks are written on the input's "
+                    "grid: PNG (0/255) for pictures, NIfTI (0/1, the input's geometry) for DICOM, NIfTI and NRRD; "
+                    "plus an overlay PNG for 2-D images.")
+    parser.add_argument("inputs", nargs="+", help="image files, folders, DICOM series folders or datalist JSONs")
     prompt = parser.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", help='e.g. "bilateral pulmonary infection, two infected areas, lower left lung '
                                          'and lower right lung."')
     prompt.add_argument("--prompt-file", help="UTF-8 text file holding the prompt (safe for any punctuation)")
+    parser.add_argument("--prompt-side", default="patient", choices=PROMPT_SIDES,
+                        help="whose left the prompt's 'left' is: the patient's (clinical convention) or the viewer's "
+                             "(the image's left as displayed; QaTa-COV19's captions)")
     parser.add_argument("--output-dir", default="causalclipseg_output", help="folder for masks and overlays")
     parser.add_argument("--threshold", type=float, default=0.5, help="probability above which a pixel is lesion")
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
@@ -54,12 +64,14 @@ def predict_main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from tqdm import tqdm
 
-    from .engine.inference import Predictor, find_images
+    from .engine.inference import Predictor, model_tokens
+    from .io.inputs import list_inputs
     try:
         text = read_prompt(args.prompt, args.prompt_file, "--prompt-file")
-        files = find_images(args.inputs)
-        predictor = Predictor(args.model, args.checkpoint, device=args.device, threshold=args.threshold)
-        predictor.model.tokenize(text)
+        files = list_inputs(args.inputs)
+        predictor = Predictor(args.model, args.checkpoint, device=args.device, threshold=args.threshold,
+                              prompt_side=args.prompt_side)
+        model_tokens(predictor.model, text, args.prompt_side)
     except USER_ERRORS as err:
         return _fail(str(err))
     failures = 0
@@ -90,6 +102,9 @@ _TRAIN_HELP = {
     "device": "auto (CUDA when present), cpu, cuda, cuda:N",
     "amp": "mixed precision on CUDA",
     "prompt_transform": "none, or empty to train and validate without text (the text ablation)",
+    "prompt_side": "whose left the model learns 'left' as: patient or viewer; default: as the data's captions say "
+                   "(QaTa-COV19 and the LViT layout: viewer; a datalist: patient unless it says otherwise), or the "
+                   "--init-checkpoint's when fine-tuning. Captions are translated to it and the model records it",
 }
 
 
@@ -109,6 +124,8 @@ def _add_dataclass_args(parser: argparse.ArgumentParser, cls: type, exclude: Seq
             kwargs["default"] = field.default
         if field.name == "model":
             kwargs["choices"] = list_models()
+        if field.name == "prompt_side":
+            kwargs["choices"] = PROMPT_SIDES
         parser.add_argument(flag, **kwargs)
 
 
@@ -156,7 +173,7 @@ def evaluate_main(argv: Sequence[str] | None = None) -> int:
     from .engine.inference import load_trained_model
     try:
         model = load_trained_model(args.model, args.checkpoint, device=args.device)
-        records = read_dataset(args.data, args.split)[: args.max_images]
+        records = read_dataset(args.data, args.split, prompt_side=model.prompt_side)[: args.max_images]
         transforms = get_val_transforms(model.config.image_size, model.tokenizer.context_length,
                                         args.prompt_transform)
         loader = DataLoader(Dataset(records, transforms), batch_size=args.batch_size)

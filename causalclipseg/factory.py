@@ -25,6 +25,7 @@ from .model.unet import TextFreeUNet, UNetBaselineConfig
 logger = logging.getLogger(__name__)
 
 __all__ = ["create_model", "list_models", "add_model_config", "get_model_config", "load_state_dict",
+           "checkpoint_prompt_side",
            "DEFAULT_MODEL", "DEFAULT_CHECKPOINT"]
 
 _CONFIG_DIR = Path(__file__).parent / "model_configs"
@@ -127,12 +128,24 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return state
 
 
+def checkpoint_prompt_side(path: str | os.PathLike) -> str:
+    """Whose left a checkpoint's model learned "left" as (``patient`` or ``viewer``), without building the model;
+    checkpoints from before the record existed are ``viewer`` (see ``CausalCLIPSeg.prompt_side``).
+
+    Raises:
+        FileNotFoundError, ValueError: as :func:`load_state_dict`.
+    """
+    flag = load_state_dict(path).get("viewer_side_prompts")
+    return "viewer" if flag is None or bool(flag) else "patient"
+
+
 def _load_checkpoint(model: torch.nn.Module, path: str | os.PathLike, name: str) -> None:
     state = load_state_dict(path)
     own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
     mismatched = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    missing, unexpected = [], sorted(set(state) - set(own))
+    if not mismatched and not unexpected:
+        missing = sorted(model.load_state_dict(state, strict=False).missing_keys)  # after the model's own hooks
     if missing or unexpected or mismatched:
         def first(keys: list[str]) -> str:
             return ", ".join(keys[:5]) + (f" (+{len(keys) - 5} more)" if len(keys) > 5 else "")
@@ -140,7 +153,6 @@ def _load_checkpoint(model: torch.nn.Module, path: str | os.PathLike, name: str)
                     (("missing", missing), ("unexpected", unexpected), ("shape-mismatched", mismatched)) if keys]
         raise ValueError(f"checkpoint {path} does not fit model {name!r} (is it for another variant?): "
                          + "; ".join(problems))
-    model.load_state_dict(state)
 
 
 def create_model(name: str = DEFAULT_MODEL, pretrained: str | None = None,

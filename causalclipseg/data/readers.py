@@ -6,7 +6,12 @@ Every reader returns a :class:`DatasetIndex`: the usable records, each ``{"image
 silently: :func:`read_dataset` raises on problems unless ``strict=False``, and ``causalclipseg verify-data``
 (:mod:`causalclipseg.data.verify`) prints them all.
 
-Layouts (see ``DESIGN.md`` section 3):
+Laterality: each layout declares whose side its captions name (:attr:`DatasetIndex.prompt_side`; see
+:mod:`causalclipseg.data.prompts`). The SGSeg and LViT releases (QaTa-COV19, MosMedData+) name the viewer's side; a
+datalist names the patient's side unless it says ``"prompt_side": "viewer"`` at its top level.
+:func:`read_dataset` translates the prompts into the convention a model was trained with when asked to.
+
+Layouts:
 
 ``sgseg``
     The SGSeg release of QaTa-COV19: ``prompts/annotation.json`` ``{"train": [...], "valid": [...]}`` with entries
@@ -34,10 +39,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .prompts import check_prompt_side, to_model_side
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "LAYOUTS",
+    "dataset_prompt_side",
     "DatasetIndex",
     "Problem",
     "detect_layout",
@@ -51,6 +59,9 @@ __all__ = [
 
 #: Layout names returned by :func:`detect_layout`.
 LAYOUTS = ("sgseg", "lvit", "datalist")
+#: Whose side each layout's captions name (a datalist may say otherwise with its own ``prompt_side``): the LViT
+#: annotations of QaTa-COV19 and MosMedData+, as released by LViT and normalised by SGSeg, name the viewer's
+_LAYOUT_SIDES = {"sgseg": "viewer", "lvit": "viewer", "datalist": "patient"}
 
 _SPLIT_ALIASES = {
     "train": "train", "training": "train",
@@ -94,6 +105,7 @@ class DatasetIndex:
         layout: one of :data:`LAYOUTS`.
         split: canonical split name, ``train``, ``valid`` or ``test``.
         source: the annotation file the records come from.
+        prompt_side: whose side the prompts' "left" and "right" name: ``patient`` or ``viewer``.
     """
 
     records: list[dict[str, str]]
@@ -101,6 +113,7 @@ class DatasetIndex:
     layout: str = ""
     split: str = ""
     source: str = ""
+    prompt_side: str = "patient"
 
     def summary(self, max_problems: int = _SUMMARY_PROBLEMS) -> str:
         """One line: counts, and the first ``max_problems`` problems."""
@@ -291,7 +304,8 @@ def read_sgseg(root: str | os.PathLike, split: str) -> DatasetIndex:
             else:
                 yield where, entry["image_path"], entry.get("caption")
 
-    return _collect(DatasetIndex([], [], "sgseg", split, str(annotation)), fs, image_dir, mask_dir, rows())
+    return _collect(DatasetIndex([], [], "sgseg", split, str(annotation), _LAYOUT_SIDES["sgseg"]), fs, image_dir,
+                    mask_dir, rows())
 
 
 def _collect(index: DatasetIndex, fs: _CaseInsensitiveFS, image_dir: Path, mask_dir: Path,
@@ -405,7 +419,8 @@ def read_lvit(root: str | os.PathLike, split: str) -> DatasetIndex:
             else:
                 yield where, mask_name, text
 
-    return _collect(DatasetIndex([], [], "lvit", split, str(xlsx)), fs, image_dir, mask_dir, rows())
+    return _collect(DatasetIndex([], [], "lvit", split, str(xlsx), _LAYOUT_SIDES["lvit"]), fs, image_dir, mask_dir,
+                    rows())
 
 
 def read_datalist(path: str | os.PathLike, split: str) -> DatasetIndex:
@@ -436,7 +451,9 @@ def read_datalist(path: str | os.PathLike, split: str) -> DatasetIndex:
     # relative to the JSON's folder into that path, so an empty prompt becomes the folder's path.
     base = datalist.parent
     fs = _CaseInsensitiveFS()
-    index = DatasetIndex([], [], "datalist", split, str(datalist))
+    side = check_prompt_side(content.get("prompt_side", _LAYOUT_SIDES["datalist"]),
+                             f"datalist {datalist}: 'prompt_side'")
+    index = DatasetIndex([], [], "datalist", split, str(datalist), side)
     entries = content[key] if isinstance(content[key], list) else []
     if not isinstance(content[key], list):
         index.problems.append(Problem(f"{datalist}[{key}]", f"must be a list of entries, got {content[key]!r:.80}"))
@@ -481,7 +498,8 @@ def index_dataset(root_or_file: str | os.PathLike, split: str) -> DatasetIndex:
     return _READERS[detect_layout(root_or_file)](root_or_file, split)
 
 
-def read_dataset(root_or_file: str | os.PathLike, split: str, strict: bool = True) -> list[dict[str, str]]:
+def read_dataset(root_or_file: str | os.PathLike, split: str, strict: bool = True,
+                 prompt_side: str | None = None) -> list[dict[str, str]]:
     """Records ``{"image", "label", "prompt"}`` of one split, in any of the supported layouts.
 
     Args:
@@ -490,6 +508,8 @@ def read_dataset(root_or_file: str | os.PathLike, split: str, strict: bool = Tru
         strict: raise if any row is unusable or any data file unused. With ``strict=False`` the usable records
             are returned and the problems logged as one warning; :func:`index_dataset` returns them as a list, and
             ``causalclipseg verify-data`` prints them.
+        prompt_side: the convention to word the prompts in (a model's ``prompt_side``); ``None`` keeps the
+            dataset's own (:func:`dataset_prompt_side`).
 
     Raises:
         ValueError: in strict mode if there are problems (the message names the first ones); also see
@@ -501,4 +521,25 @@ def read_dataset(root_or_file: str | os.PathLike, split: str, strict: bool = Tru
             raise ValueError(f"{index.summary()}. Run `causalclipseg verify-data` to list them all, or read with "
                              f"strict=False to use the good records")
         logger.warning("%s", index.summary())
-    return index.records
+    if prompt_side is None or prompt_side == index.prompt_side:
+        return index.records
+    return [{**r, "prompt": to_model_side(r["prompt"], index.prompt_side, prompt_side)} for r in index.records]
+
+
+def dataset_prompt_side(root_or_file: str | os.PathLike) -> str:
+    """Whose side a dataset's captions name: its layout's convention, or a datalist's own ``prompt_side``.
+
+    Raises:
+        FileNotFoundError, ValueError: as :func:`index_dataset` for an unreadable dataset.
+    """
+    layout = detect_layout(root_or_file)
+    if layout != "datalist":
+        return _LAYOUT_SIDES[layout]
+    path = Path(root_or_file)
+    datalist = _find_datalist(path)
+    try:
+        content = json.loads(datalist.read_text(encoding="utf-8")) if datalist is not None else {}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"cannot read datalist {datalist}: {err}") from err
+    side = content.get("prompt_side", _LAYOUT_SIDES["datalist"]) if isinstance(content, dict) else "patient"
+    return check_prompt_side(side, f"datalist {datalist}: 'prompt_side'")

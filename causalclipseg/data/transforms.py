@@ -62,6 +62,8 @@ from monai.utils import TraceKeys
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 
 from causalclipseg.data.prompts import get_prompt_transform, swap_laterality
+from causalclipseg.io.inputs import file_suffix
+from causalclipseg.io.orientation import GEOMETRY_KEY, patient_orientation_affine
 from causalclipseg.tokenizer import PromptTokenizer
 
 __all__ = [
@@ -321,13 +323,9 @@ class _InputHeader:
     frames: int = 1  # pages of a picture, frames (times files) of DICOM
     samples: int = 1  # DICOM SamplesPerPixel
     photometric: str = ""  # DICOM PhotometricInterpretation
-
-
-def file_suffix(path: str | os.PathLike) -> str:
-    """The lower-case suffix that names a file's kind: ``.nii.gz`` counts as one."""
-    path = Path(path)
-    name = path.name.lower()
-    return ".nii.gz" if name.endswith(".nii.gz") else path.suffix.lower()
+    geometry: str = "affine"  # where the orientation comes from: one of io.orientation.GEOMETRIES
+    patient_orientation: tuple[str, str] | None = None  # DICOM Patient Orientation, when it is what orients the image
+    pixel_spacing: tuple[float, float] = (1.0, 1.0)  # DICOM (column, row) spacing, for that orientation's affine
 
 
 def error_reason(err: BaseException) -> str:
@@ -384,7 +382,7 @@ def _picture_header(path: Path, fmt: str) -> _InputHeader:
     with Image.open(path, formats=[fmt]) as image:
         frames = int(getattr(image, "n_frames", 1))
         values = image.width * image.height * frames * len(image.getbands())
-        return _InputHeader("picture", fmt, values, frames=frames)
+        return _InputHeader("picture", fmt, values, frames=frames, geometry="picture")
 
 
 def _dicom_header(path: Path) -> _InputHeader:
@@ -409,6 +407,7 @@ def _dicom_header(path: Path) -> _InputHeader:
         values = int(ds.Rows) * int(ds.Columns) * frames * samples
         photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()
         syntax = ds.file_meta.get("TransferSyntaxUID")
+        geometry, orientation, spacing = _dicom_geometry(ds)
     except _Unreadable:
         raise
     except Exception as err:  # noqa: BLE001 - pydicom raises many types; all mean "broken header"
@@ -423,7 +422,24 @@ def _dicom_header(path: Path) -> _InputHeader:
             missing = "; ".join(" ".join(m.split()) for m in decoder.missing_dependencies)
             raise _Unreadable(f"its pixel data is compressed as {syntax.name} and no installed decoder reads it "
                               f"(any one of: {missing})")
-    return _InputHeader("DICOM", "DICOM", values, frames=frames, samples=samples, photometric=photometric)
+    return _InputHeader("DICOM", "DICOM", values, frames=frames, samples=samples, photometric=photometric,
+                        geometry=geometry, patient_orientation=orientation, pixel_spacing=spacing)
+
+
+def _dicom_geometry(ds: Any) -> tuple[str, tuple[str, str] | None, tuple[float, float]]:
+    """Where a DICOM image's orientation comes from: Image Orientation (Patient) (MONAI's reader builds the affine
+    from it), else Patient Orientation (projection radiographs), else nothing: ``(geometry, codes, spacing)``."""
+    if len(ds.get("ImageOrientationPatient") or ()) == 6:
+        return "affine", None, (1.0, 1.0)
+    codes = tuple(str(c).strip().upper() for c in (ds.get("PatientOrientation") or ()))
+    spacing = ds.get("ImagerPixelSpacing") or ds.get("PixelSpacing") or (1.0, 1.0)
+    try:
+        row_spacing, column_spacing = (float(v) for v in spacing)
+    except (TypeError, ValueError):
+        row_spacing = column_spacing = 1.0
+    if len(codes) == 2 and patient_orientation_affine(codes) is not None:  # type: ignore[arg-type]
+        return "affine", codes, (column_spacing, row_spacing)  # type: ignore[return-value]
+    return "unknown", None, (1.0, 1.0)
 
 
 def _nibabel_header(path: Path) -> _InputHeader:
@@ -436,7 +452,11 @@ def _nibabel_header(path: Path) -> _InputHeader:
         raise _Unreadable(error_reason(err)) from err
     if not isinstance(image.header, AnalyzeHeader):  # MGH, MINC, PAR/REC, AFNI, CIFTI, ...
         raise _Unreadable(f"{type(image).__name__} files are not supported: convert it to NIfTI")
-    return _InputHeader("NIfTI", type(image).__name__, int(np.prod(image.shape, dtype=np.int64)))
+    header = image.header
+    coded = any(int(header.get(code, 0) or 0) > 0 for code in ("qform_code", "sform_code")) if \
+        "qform_code" in header else False  # Analyze headers have no orientation codes
+    return _InputHeader("NIfTI", type(image).__name__, int(np.prod(image.shape, dtype=np.int64)),
+                        geometry="affine" if coded else "unknown")
 
 
 def _nrrd_header(path: Path) -> _InputHeader:
@@ -447,7 +467,8 @@ def _nrrd_header(path: Path) -> _InputHeader:
         sizes = [int(s) for s in header["sizes"]]
     except Exception as err:  # noqa: BLE001 - pynrrd raises many types; all mean "broken header"
         raise _Unreadable(f"its NRRD header cannot be read ({error_reason(err)})") from err
-    return _InputHeader("NRRD", "NRRD", int(np.prod(sizes, dtype=np.int64)))
+    return _InputHeader("NRRD", "NRRD", int(np.prod(sizes, dtype=np.int64)),
+                        geometry="affine" if header.get("space") else "unknown")
 
 
 def _read_input_header(path: str | os.PathLike, max_voxels: int = MAX_INPUT_VOXELS) -> _InputHeader:
@@ -592,6 +613,10 @@ class LoadSegmentableImaged(MapTransform):
             if header.kind == "DICOM":
                 img = self._dicom_colour(img, header)
                 _complete_slice_normal(img)
+                if header.patient_orientation is not None:
+                    img.affine = torch.as_tensor(patient_orientation_affine(header.patient_orientation,
+                                                                            header.pixel_spacing))
+            img.meta[GEOMETRY_KEY] = header.geometry
             spatial = [s for s in img.shape[1:]]
             while len(spatial) > 2 and spatial[-1] == 1:
                 spatial.pop()

@@ -11,6 +11,9 @@ from safetensors.torch import save_file
 
 __all__ = ["atomic_write", "save_weights"]
 
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)  # read once: the mode a plain open() would give new files is 0o666 & ~umask
+
 
 def atomic_write(path: str | os.PathLike, write) -> Path:
     """Call ``write(tmp_path)`` on a temporary file beside ``path``, fsync it, then rename it over ``path``."""
@@ -21,6 +24,7 @@ def atomic_write(path: str | os.PathLike, write) -> Path:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0o600: give the file the mode any new file gets
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

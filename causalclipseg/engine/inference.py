@@ -1,10 +1,13 @@
 """Prompted prediction on files: 2-D images and 3-D volumes, slice by slice, on the input's grid.
 
-The walk from file to mask: ``LoadSegmentableImaged`` (PNG/JPEG/BMP/TIFF, DICOM, NIfTI, NRRD; MONAI's
-axis order, x first) -> :class:`SliceSegmenter` (per slice: min-max to [0, 1], resize to the model size,
-CLIP normalisation -> ``CausalCLIPSeg.forward`` with the bound prompt -> logits resized back) streamed in batches
-of slices by :class:`SliceWiseInferer` -> sigmoid -> threshold -> writer with the
-input's geometry. Outputs are written atomically and never replace an existing file unless asked to.
+The walk from file to mask: :func:`~causalclipseg.io.inputs.list_inputs` (what each input is) ->
+``LoadSegmentableImaged`` (PNG/JPEG/BMP/TIFF, DICOM as a viewer shows it, NIfTI, NRRD; MONAI's axis order, x
+first) -> :class:`~causalclipseg.io.orientation.DisplayOrientation` (the patient's left on the image's right) ->
+:class:`SliceSegmenter` (the prompt translated to the model's laterality convention and tokenised; per slice:
+min-max to [0, 1], resize to the model size, CLIP normalisation -> ``CausalCLIPSeg.forward`` -> logits resized
+back) streamed in batches of slices by :class:`SliceWiseInferer` -> back to the input's voxel grid -> sigmoid ->
+threshold -> writer with the input's geometry. Outputs are written atomically and never replace an existing file
+unless asked to.
 """
 
 from __future__ import annotations
@@ -27,8 +30,11 @@ from PIL import Image
 from torch import nn
 from tqdm import tqdm
 
-from ..data.transforms import LoadSegmentableImaged, file_suffix, get_slice_preprocessing
+from ..data.prompts import check_prompt_side, names_a_side, to_model_side
+from ..data.transforms import LoadSegmentableImaged, get_slice_preprocessing
 from ..factory import DEFAULT_CHECKPOINT, DEFAULT_MODEL, create_model
+from ..io.inputs import IMAGE_SUFFIXES, PICTURE_SUFFIXES, file_suffix
+from ..io.orientation import GEOMETRY_KEY, DisplayOrientation
 from ..model.causalclipseg import CausalCLIPSeg
 from .checkpoint import atomic_write
 from .training import resolve_device
@@ -36,36 +42,12 @@ from .training import resolve_device
 logger = logging.getLogger(__name__)
 
 __all__ = ["SliceSegmenter", "SliceWiseInferer", "GridNibabelWriter", "Prediction", "Predictor", "IMAGE_SUFFIXES",
-           "PICTURE_SUFFIXES", "find_images", "inference_ready", "load_trained_model",
-           "mask_like_nifti"]
-
-PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
-IMAGE_SUFFIXES = PICTURE_SUFFIXES + (".dcm", ".nii", ".nii.gz", ".nrrd")
+           "PICTURE_SUFFIXES", "inference_ready", "load_trained_model", "mask_like_nifti", "model_tokens",
+           "warn_if_side_unverifiable"]
 
 
 def _stem(path: Path) -> str:
     return path.name[: -len(file_suffix(path))] if file_suffix(path) else path.name
-
-
-def find_images(inputs: list[str | os.PathLike]) -> list[Path]:
-    """Files to segment: each input file as given, and the image files directly inside each input folder.
-
-    Raises:
-        FileNotFoundError: if an input does not exist.
-        ValueError: if a folder holds no image file.
-    """
-    files: list[Path] = []
-    for item in map(Path, inputs):
-        if item.is_dir():
-            found = sorted(p for p in item.iterdir() if p.is_file() and file_suffix(p) in IMAGE_SUFFIXES)
-            if not found:
-                raise ValueError(f"input folder {item} holds no image file ({', '.join(IMAGE_SUFFIXES)})")
-            files += found
-        elif item.is_file():
-            files.append(item)
-        else:
-            raise FileNotFoundError(f"input not found: {item}")
-    return files
 
 
 def load_trained_model(model: str = DEFAULT_MODEL, checkpoint: str | os.PathLike | None = None,
@@ -96,22 +78,44 @@ def inference_ready(model: nn.Module, device: str | torch.device | None = None) 
     return model.to(memory_format=torch.channels_last).eval()
 
 
+def model_tokens(model: CausalCLIPSeg, prompt: str, prompt_side: str = "patient") -> torch.Tensor:
+    """Token ids ``(1, L)`` of ``prompt`` as ``model`` understands it: its sides (``prompt_side``: whose left "left"
+    is) translated to the convention the model was trained with (``model.prompt_side``), then validated and
+    tokenised.
+
+    Raises:
+        ValueError, TypeError: for an unknown side or a prompt the tokenizer refuses.
+    """
+    check_prompt_side(prompt_side)
+    model.tokenize(prompt)  # refuse a bad prompt as the user wrote it, before translating it
+    return model.tokenize(to_model_side(prompt, prompt_side, model.prompt_side))
+
+
+def warn_if_side_unverifiable(image: torch.Tensor, prompt: str, source: object) -> None:
+    """Log a warning when ``prompt`` names a side and the loaded ``image``'s orientation is not recorded."""
+    if names_a_side(prompt) and getattr(image, "meta", {}).get(GEOMETRY_KEY) == "unknown":
+        logger.warning("%s does not record its orientation (no DICOM Image Orientation or Patient Orientation, no "
+                       "NIfTI qform/sform, no NRRD space): it is taken as stored, the patient's left on the image's "
+                       "right; check that the mask is on the side the prompt names", source)
+
+
 class SliceSegmenter(nn.Module):
     """The model with its prompt bound and its preprocessing inside: raw slices in, logits on their grid out.
 
     MONAI inferers call ``network(x)`` with one argument (``SliceInferer`` drops extra ones), so the prompt's
-    tokens are bound here. Each slice is preprocessed by
+    tokens are bound here (:func:`model_tokens`). Each slice is preprocessed by
     :func:`~causalclipseg.data.transforms.get_slice_preprocessing`, as in training.
 
     Args:
         model: a CausalCLIPSeg.
-        prompt: the text; validated and tokenised once.
+        prompt: the text; validated, translated to the model's laterality convention and tokenised once.
+        prompt_side: whose left the prompt's "left" is: ``patient`` (default) or ``viewer``.
     """
 
-    def __init__(self, model: CausalCLIPSeg, prompt: str) -> None:
+    def __init__(self, model: CausalCLIPSeg, prompt: str, prompt_side: str = "patient") -> None:
         super().__init__()
         self.model = model
-        self.register_buffer("tokens", model.tokenize(prompt), persistent=False)  # (1, L)
+        self.register_buffer("tokens", model_tokens(model, prompt, prompt_side), persistent=False)  # (1, L)
         self.preprocess = get_slice_preprocessing(model.config.image_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -207,6 +211,11 @@ class Prediction:
 class Predictor:
     """Loads a model once and segments files with a prompt.
 
+    Prompts name the patient's sides by default ("left lung": the patient's left, on the image's right in standard
+    display); pass ``prompt_side="viewer"`` for prompts that name the image's sides, such as QaTa-COV19's captions
+    as written. Each input is brought to display orientation before the model sees it and the mask back to the
+    input's grid (:mod:`causalclipseg.io.orientation`).
+
     Args:
         model: variant name.
         checkpoint: CausalCLIPSeg weights; ``None`` uses the weights shipped for the default variant.
@@ -214,14 +223,17 @@ class Predictor:
         device: ``auto`` (CUDA when present), ``cpu`` or ``cuda[:N]``.
         threshold: probability above which a voxel is lesion.
         batch_size: slices per forward pass for volumes.
+        prompt_side: whose left the prompts' "left" is: ``patient`` or ``viewer``.
 
     Raises:
-        ValueError: for an unknown model, a bad device, threshold or batch size, or missing default weights.
+        ValueError: for an unknown model, a bad device, threshold, batch size or prompt side, or missing default
+            weights.
     """
 
     def __init__(self, model: str = DEFAULT_MODEL, checkpoint: str | os.PathLike | None = None,
                  pretrained: str | None = None, device: str = "auto", threshold: float = 0.5,
-                 batch_size: int = 8) -> None:
+                 batch_size: int = 8, prompt_side: str = "patient") -> None:
+        self.prompt_side = check_prompt_side(prompt_side)
         if not 0.0 < threshold < 1.0:
             raise ValueError(f"threshold must be in (0, 1), got {threshold}")
         if batch_size < 1:
@@ -230,20 +242,24 @@ class Predictor:
         self.threshold = threshold
         self.batch_size = batch_size
         self.loader = LoadSegmentableImaged("image")
+        self.orientation = DisplayOrientation()
 
     @torch.no_grad()
     def predict(self, path: str | os.PathLike, prompt: str) -> Prediction:
-        """Segment one file: a 2-D image, or a 3-D volume slice by slice along its last axis.
+        """Segment one file or DICOM series folder: a 2-D image, or a 3-D volume slice by slice (in display
+        orientation: see :mod:`causalclipseg.io.orientation`); the result is on the input's grid.
 
         Raises:
             ValueError: if the prompt is empty or the file cannot be read or segmented.
         """
         path = Path(path)
-        segmenter = SliceSegmenter(self.model, prompt)  # validates the prompt before any file work
+        segmenter = SliceSegmenter(self.model, prompt, self.prompt_side)  # checks the prompt before any file work
         image = self.loader({"image": str(path)})["image"]  # (1, X, Y) or (1, X, Y, Z), finite
+        warn_if_side_unverifiable(image, prompt, path)
         try:
+            shown = self.orientation(image)  # display orientation, the same shape up to a permutation
             inferer = SliceWiseInferer(self.batch_size, progress=sys.stderr.isatty())  # no bar in redirected logs
-            logits = inferer(image[None], segmenter)[0]  # (1, X, Y[, Z])
+            logits = self.orientation.inverse(inferer(shown[None], segmenter)[0])  # (1, X, Y[, Z]), input grid
         except (RuntimeError, MemoryError) as err:  # e.g. out of memory: one line naming the file, cause chained
             raise ValueError(f"cannot segment {path}: {type(err).__name__}: {_one_line(err)}") from err
         # in place, and the gray copy for overlays only for 2-D inputs: a volume costs its input, its float32

@@ -32,7 +32,8 @@ from monai.data import CacheDataset, DataLoader
 from torch.utils.data.distributed import DistributedSampler
 from torch.utils.tensorboard import SummaryWriter
 
-from ..data.readers import read_dataset
+from ..data.prompts import check_prompt_side
+from ..data.readers import dataset_prompt_side, read_dataset
 from ..data.transforms import get_train_transforms, get_val_transforms
 from ..factory import create_model
 from ..losses import CausalSegLoss
@@ -69,6 +70,9 @@ class TrainConfig:
     max_val: int | None = None  # use only the first N validation records
     augment: bool = True
     prompt_transform: str = "none"  # "empty" trains (and validates) without text: the text ablation
+    prompt_side: str | None = None  # whose left the model learns "left" as: patient or viewer; None: as the data's
+    # captions say (the init checkpoint's convention when fine-tuning). Captions are translated to it; the model
+    # records it (model.prompt_side), and prediction translates users' prompts to it
     seed: int = 0
     num_workers: int = 0  # DataLoader workers; 0 is fastest on 2 cores with cached data
     cache: bool = True  # cache the deterministic loading transforms in memory
@@ -169,9 +173,10 @@ class _SeededCacheDataset(CacheDataset):
         return super()._transform(index)
 
 
-def _loaders(cfg: TrainConfig, context_length: int, image_size: int) -> tuple[DataLoader, DataLoader]:
-    train_records = read_dataset(cfg.data, cfg.train_split)[: cfg.max_train]
-    val_records = read_dataset(cfg.data, cfg.val_split)[: cfg.max_val]
+def _loaders(cfg: TrainConfig, context_length: int, image_size: int,
+             prompt_side: str) -> tuple[DataLoader, DataLoader]:
+    train_records = read_dataset(cfg.data, cfg.train_split, prompt_side=prompt_side)[: cfg.max_train]
+    val_records = read_dataset(cfg.data, cfg.val_split, prompt_side=prompt_side)[: cfg.max_val]
     if not train_records or not val_records:
         raise ValueError(f"dataset {cfg.data} has {len(train_records)} {cfg.train_split!r} and "
                          f"{len(val_records)} {cfg.val_split!r} records; both must be non-empty")
@@ -243,7 +248,13 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
     model = create_model(cfg.model, pretrained=cfg.pretrained, checkpoint=cfg.init_checkpoint).to(device)
     model = model.to(memory_format=torch.channels_last)
-    train_loader, val_loader = _loaders(cfg, model.tokenizer.context_length, model.config.image_size)
+    if cfg.prompt_side is not None:
+        model.prompt_side = check_prompt_side(cfg.prompt_side)
+    elif cfg.init_checkpoint is None:
+        model.prompt_side = dataset_prompt_side(cfg.data)
+    logger.info("the model learns prompts naming the %s's side", model.prompt_side)
+    train_loader, val_loader = _loaders(cfg, model.tokenizer.context_length, model.config.image_size,
+                                        model.prompt_side)
     encoder_scale = cfg.encoder_lr_scale if cfg.encoder_lr_scale is not None else (0.1 if cfg.pretrained else 1.0)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.lr, encoder_scale, cfg.weight_decay))
     total = cfg.epochs * len(train_loader)

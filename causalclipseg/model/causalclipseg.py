@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..data.prompts import check_prompt_side
 from ..tokenizer import PromptTokenizer
 from .causal import CausalIntervention
 from .config import CausalCLIPSegConfig
@@ -16,7 +19,42 @@ from .decoder import CrossModalDecoder, LevelNeck, TextPixelProjector
 from .encoders import TextEncoder, TextFeatures, build_image_encoder
 from .layers import grad_reverse
 
-__all__ = ["CausalCLIPSeg", "CausalCLIPSegOutput"]
+logger = logging.getLogger(__name__)
+
+__all__ = ["CausalCLIPSeg", "CausalCLIPSegOutput", "PromptSideRecord"]
+
+_SIDE_KEY = "viewer_side_prompts"
+
+
+class PromptSideRecord:
+    """Mixin for the models: the laterality convention of the prompts the weights were trained with, kept in the
+    state dict (a bool buffer ``viewer_side_prompts``), so that every checkpoint, the shipped weights and the
+    bundle's ``model.pt`` carry it. See :mod:`causalclipseg.data.prompts` for the conventions.
+
+    Checkpoints written before it was recorded load as ``viewer``: every model trained here until then learned
+    QaTa-COV19's captions as written, which name the viewer's side.
+    """
+
+    def _init_prompt_side(self, side: str = "patient") -> None:
+        self.register_buffer(_SIDE_KEY, torch.tensor(check_prompt_side(side) == "viewer"))
+        self.register_load_state_dict_pre_hook(_complete_prompt_side)
+
+    @property
+    def prompt_side(self) -> str:
+        """``patient`` or ``viewer``: whose left the model's "left" is."""
+        return "viewer" if bool(getattr(self, _SIDE_KEY)) else "patient"
+
+    @prompt_side.setter
+    def prompt_side(self, side: str) -> None:
+        getattr(self, _SIDE_KEY).fill_(check_prompt_side(side) == "viewer")
+
+
+def _complete_prompt_side(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+    """load_state_dict pre-hook: a checkpoint without the record is from before it existed (viewer's side)."""
+    if prefix + _SIDE_KEY not in state_dict:
+        logger.info("checkpoint has no prompt-side record: taken as trained on QaTa-COV19 captions as written "
+                    "(the viewer's side)")
+        state_dict[prefix + _SIDE_KEY] = torch.tensor(True)
 
 
 @dataclass
@@ -28,7 +66,7 @@ class CausalCLIPSegOutput:
     masks: list[torch.Tensor]  # causal masks per level, (B, dim, H/8), (B, dim, H/16), (B, dim, H/32); [] without
 
 
-class CausalCLIPSeg(nn.Module):
+class CausalCLIPSeg(PromptSideRecord, nn.Module):
     """Text-prompted segmentation with a causal intervention module (Chen et al., MICCAI 2024).
 
     Image and prompt are encoded by CLIP (open_clip); the three image levels are projected to one width
@@ -40,7 +78,8 @@ class CausalCLIPSeg(nn.Module):
     and learn to leave nothing there to find (the min-max game; the bounded objective is in
     :class:`causalclipseg.losses.CausalSegLoss`). At inference only the causal prediction is computed.
 
-    Build it with :func:`causalclipseg.create_model`, which also loads weights.
+    Build it with :func:`causalclipseg.create_model`, which also loads weights. :attr:`prompt_side` tells whose
+    left the model's "left" is (:func:`causalclipseg.data.prompts.to_model_side` translates prompts to it).
 
     Args:
         config: the architecture.
@@ -62,6 +101,7 @@ class CausalCLIPSeg(nn.Module):
         self.intervention = CausalIntervention([dim] * 3, config.causal.hidden) if config.causal.enabled else None
         self.confounder_projector = (TextPixelProjector(dim, text_dim, proj.stride, proj.kernel_size)
                                      if config.causal.enabled else None)
+        self._init_prompt_side()  # set by the trainer to its data's convention
 
     def tokenize(self, prompts: str | Sequence[str], allow_empty: bool = False) -> torch.Tensor:
         """Token ids (N, context_length) for ``forward``; see :class:`~causalclipseg.tokenizer.PromptTokenizer`."""

@@ -12,7 +12,7 @@ from monai.networks.nets import UNet
 from torch import nn
 
 from ..tokenizer import PromptTokenizer
-from .causalclipseg import CausalCLIPSegOutput
+from .causalclipseg import CausalCLIPSegOutput, PromptSideRecord
 
 __all__ = ["UNetBaselineConfig", "TextFreeUNet"]
 
@@ -58,7 +58,7 @@ class UNetBaselineConfig:
                 "image_size": data["image_size"], "context_length": data["context_length"]}
 
 
-class TextFreeUNet(nn.Module):
+class TextFreeUNet(PromptSideRecord, nn.Module):
     """MONAI ``UNet`` with CausalCLIPSeg's ``forward(image, text)`` / ``forward_aux`` / ``tokenize`` surface."""
 
     def __init__(self, config: UNetBaselineConfig) -> None:
@@ -67,6 +67,7 @@ class TextFreeUNet(nn.Module):
         self.tokenizer = PromptTokenizer(config.context_length)
         self.unet = UNet(spatial_dims=2, in_channels=3, out_channels=1, channels=config.channels,
                          strides=config.strides, num_res_units=config.num_res_units, dropout=config.dropout)
+        self._init_prompt_side()  # recorded like CausalCLIPSeg's, though the text is ignored
 
     def tokenize(self, prompts: str | Sequence[str], allow_empty: bool = False) -> torch.Tensor:
         """Token ids, as :meth:`CausalCLIPSeg.tokenize` (validated, then unused by the network)."""
