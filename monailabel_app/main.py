@@ -6,9 +6,9 @@ Start (offline, nothing is downloaded)::
         [--conf checkpoint WEIGHTS] [--conf model_dir DIR] [--conf prompt TEXT] [--conf bundle DIR] [--conf model NAME]
 
 ``--conf`` options: ``bundle`` (default ``../bundle`` beside this folder), ``checkpoint`` (the weights to serve;
-default the bundle's ``models/model.pt``), ``model_dir`` (fine-tuning runs and the published fine-tuned weights;
-default ``model/`` in this folder), ``prompt`` (the default prompt; default the bundle's), ``model`` (the variant;
-default the bundle's), ``preload`` (``true`` loads the network at start).
+default the bundle's ``models/model.pt``), ``model_dir`` (fine-tuning runs, the published fine-tuned weights and
+``results/``, the labels being answered; default ``model/`` in this folder), ``prompt`` (the default prompt; default
+the bundle's), ``model`` (the variant; default the bundle's), ``preload`` (``true`` loads the network at start).
 
 Errors a request causes (an empty prompt, an unreadable image, an unknown model) answer HTTP 400/404 with one
 line saying what is wrong; an uploaded image is deleted whether the request succeeds or not.
@@ -52,6 +52,7 @@ class CausalCLIPSegApp(MONAILabelApp):
 
     def init_infers(self) -> dict:
         self.infer_task = TextPromptSegmentation(self.bundle_dir, self.conf, [self.checkpoint, self.published],
+                                                 label_dir=self.model_dir / "results",
                                                  model_name=self.conf.get("model") or None,
                                                  prompt=self.conf.get("prompt") or None)
         served = self.infer_task.get_path()

@@ -85,3 +85,56 @@ def qata_root() -> Path:
     if not (QATA_ROOT / "prompts" / "annotation.json").is_file():
         pytest.skip(f"QaTa-COV19 not found at {QATA_ROOT} (see the project README)")
     return QATA_ROOT
+
+
+def write_windowed_dx(png_path: str | Path, dcm_path: str | Path, mirrored: bool = False, monochrome1: bool = False,
+                      slope: float = 1.0, intercept: float = 0.0,
+                      label: tuple[int, int, int, int] = (0, 0, 20, 60)) -> Path:
+    """A 12-bit DX radiograph made from an 8-bit grayscale picture the way a modality writes one; returns its path.
+
+    Stored values ``s = 1000 + 8 v`` for the picture's values ``v`` (Bits Stored 12 in 16, unsigned), a label burned
+    in at full scale (4095) over ``label`` (row, column, height, width, in the picture's frame), Rescale Slope and
+    Intercept ``slope`` and ``intercept``, and a window, in their output units, covering exactly the picture's
+    values: a viewer shows the picture with the label white, while min-max scaling the stored values shows it
+    darker (the label sets the top). ``monochrome1``: stored inverted (``4095 - s``, the label 0), Photometric
+    Interpretation MONOCHROME1 with Presentation LUT Shape INVERSE: displayed the same. ``mirrored``: the image,
+    label included, stored left-right mirrored with Patient Orientation ``R\\F`` instead of ``L\\F`` (standard
+    display: the patient's left on the image's right, feet down): oriented for display, the same picture.
+    """
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    with Image.open(png_path) as image:
+        picture = np.asarray(image.convert("L"), dtype=np.int64)
+    stored = 1000 + 8 * picture
+    if monochrome1:
+        stored = 4095 - stored  # white = low
+    output = slope * stored + intercept
+    low, high = float(output.min()), float(output.max())  # the window: exactly these, the label left out
+    row, column, height, width = label
+    stored[row:row + height, column:column + width] = 0 if monochrome1 else 4095  # white
+    if mirrored:
+        stored = stored[:, ::-1]
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray Image Storage - For Presentation
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality, ds.StudyInstanceUID, ds.SeriesInstanceUID = "DX", generate_uid(), generate_uid()
+    ds.PatientName, ds.PatientID = "Windowed^DX", "0"
+    ds.ImageType = ["ORIGINAL", "PRIMARY"]
+    ds.PresentationIntentType = "FOR PRESENTATION"
+    ds.PatientOrientation = ["R", "F"] if mirrored else ["L", "F"]
+    ds.ImagerPixelSpacing = [0.2, 0.2]
+    ds.Rows, ds.Columns = stored.shape
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME1" if monochrome1 else "MONOCHROME2"
+    ds.PresentationLUTShape = "INVERSE" if monochrome1 else "IDENTITY"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.RescaleSlope, ds.RescaleIntercept, ds.RescaleType = slope, intercept, "US"
+    ds.WindowCenter, ds.WindowWidth = (low + high + 1) / 2, high - low + 1  # pydicom's LINEAR: low -> 0, high -> top
+    ds.PixelData = np.ascontiguousarray(stored, dtype="<u2").tobytes()
+    return save_dicom(ds, dcm_path)

@@ -3,7 +3,8 @@
 The server (``monailabel start_server --app monailabel_app ...``) runs in its own process group with its own
 temporary folder, a studies folder written here (a PNG X-ray, a single-slice NIfTI, a NIfTI volume) and a random
 tiny checkpoint chosen with ``--conf checkpoint``; it is stopped by its process group id. Requests go through MONAI
-Label's own client (``monailabel.client.MONAILabelClient``) and once through the Slicer extension's client. The
+Label's own client (``monailabel.client.MONAILabelClient``), with a folder of its own or (as a client on the
+server's machine) its default one, the server's temporary folder, and once through the Slicer extension's client. The
 random weights make no sensible masks: the tests check the grid, the values, that the prompt reaches the network
 (thresholds at the median probability of one prompt, as in ``test_bundle.py``) and the error answers. The last test
 fine-tunes from labels saved in the datastore (the active-learning loop) and checks that the server then serves the
@@ -18,6 +19,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -232,6 +234,53 @@ def test_volume_as_nrrd(server, data):
                                                                             "result_extension": ".nrrd"})
     values, header = nrrd.read(label)
     assert label.endswith(".nrrd") and values.shape == (40, 36, 5) and set(np.unique(values)) <= {0, 1}
+
+
+def _label_on_grid(label: str, source: Path) -> np.ndarray:
+    """The label's values, checked to lie on ``source``'s grid (a PNG's rows and columns, a NIfTI's shape and
+    affine) with values in {0, 1}."""
+    if source.suffix == ".png":
+        values = png_label(label)
+        assert label.endswith(".png") and values.shape == png_label(str(source)).shape
+    else:
+        result, image = nib.load(label), nib.load(source)
+        assert result.shape == image.shape and np.allclose(result.affine, image.affine)
+        values = np.asarray(result.dataobj)
+    assert set(np.unique(values)) <= {0, 1}
+    return values
+
+
+def test_results_survive_a_client_sharing_the_server_temp_folder(server, data, monkeypatch):
+    """12 requests in a row through MONAI Label's client with its default temporary folder, on the server's machine.
+
+    The client saves each label as ``<its temp folder>/<the server's file name>`` (``tempfile.tempdir``, else
+    ``/tmp``) and the server deletes its own file in a background task after answering; with one temporary folder
+    for both (``tempfile.tempdir`` set to the server's ``TMPDIR``, as when both run on one machine) the server's
+    clean-up must not delete the client's copy. The app writes its labels in ``model_dir/results``, which is empty
+    once MONAI Label's clean-up (a background task that runs after each answer is sent) has run.
+    """
+    thresholds = {name: median_threshold(data["checkpoint"], data[name], PROMPT_A)
+                  for name in ("xray1", "slice1", "vol1")}
+    monkeypatch.setattr(tempfile, "tempdir", str(server.tmpdir))  # what MONAILabelClient's default tmpdir reads
+    client = MONAILabelClient(server.url)
+    first: dict[tuple[str, str], np.ndarray] = {}
+    results: list[tuple[str, str, np.ndarray]] = []
+    for i in range(12):
+        name, prompt = ("xray1", "slice1", "vol1")[i % 3], (PROMPT_A, PROMPT_B)[i // 3 % 2]
+        label, params = client.infer(MODEL, name, {"prompt": prompt, "threshold": thresholds[name]})
+        assert Path(label).parent == server.tmpdir and params["prompt"] == prompt
+        values = _label_on_grid(label, data[name])
+        np.testing.assert_array_equal(values, first.setdefault((name, prompt), values))
+        results.append((label, name, values))
+    assert len({label for label, _, _ in results}) == 12
+    app_folder = server.model_dir / "results"
+    deadline = time.monotonic() + 10  # bounded wait for the background deletions
+    while any(app_folder.iterdir()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert app_folder.is_dir() and not any(app_folder.iterdir()), "the app left label files behind"
+    for label, name, values in results:  # the client's files are still there after the server's clean-up
+        np.testing.assert_array_equal(_label_on_grid(label, data[name]), values)
+        Path(label).unlink()
 
 
 @pytest.mark.parametrize("params, image, status, message", [

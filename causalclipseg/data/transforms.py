@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 from monai.config import KeysCollection
+from monai.data import MetaTensor
 from monai.transforms import (
     Compose,
     EnsureChannelFirstd,
@@ -62,6 +63,7 @@ from monai.utils import TraceKeys
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 
 from causalclipseg.data.prompts import get_prompt_transform, swap_laterality
+from causalclipseg.io.dicom import voi_display
 from causalclipseg.io.inputs import file_suffix
 from causalclipseg.io.orientation import GEOMETRY_KEY, patient_orientation_affine
 from causalclipseg.tokenizer import PromptTokenizer
@@ -326,6 +328,7 @@ class _InputHeader:
     geometry: str = "affine"  # where the orientation comes from: one of io.orientation.GEOMETRIES
     patient_orientation: tuple[str, str] | None = None  # DICOM Patient Orientation, when it is what orients the image
     pixel_spacing: tuple[float, float] = (1.0, 1.0)  # DICOM (column, row) spacing, for that orientation's affine
+    dataset: Any = None  # DICOM: the first file's header (LUTs, window, photometric), for io.dicom.voi_display
 
 
 def error_reason(err: BaseException) -> str:
@@ -423,7 +426,7 @@ def _dicom_header(path: Path) -> _InputHeader:
             raise _Unreadable(f"its pixel data is compressed as {syntax.name} and no installed decoder reads it "
                               f"(any one of: {missing})")
     return _InputHeader("DICOM", "DICOM", values, frames=frames, samples=samples, photometric=photometric,
-                        geometry=geometry, patient_orientation=orientation, pixel_spacing=spacing)
+                        geometry=geometry, patient_orientation=orientation, pixel_spacing=spacing, dataset=ds)
 
 
 def _dicom_geometry(ds: Any) -> tuple[str, tuple[str, str] | None, tuple[float, float]]:
@@ -555,8 +558,10 @@ class LoadSegmentableImaged(MapTransform):
     """Read an image file or DICOM series into what the slice-wise network takes, on its own grid (no resampling).
 
     MONAI's readers read it (PNG/JPEG/BMP/TIFF, DICOM file or series folder, NIfTI, NRRD) channel first with its
-    metadata (affine, file name); 2-D inputs (and volumes with one slice) become grayscale ``(1, X, Y)`` (colour
-    merged, alpha dropped, as in training); volumes stay ``(1, X, Y, Z)``, segmented slice by slice along Z.
+    metadata (affine, file name, and :data:`~causalclipseg.io.orientation.GEOMETRY_KEY`: where its orientation
+    comes from; a radiograph's affine is built from its Patient Orientation); 2-D inputs (and volumes with one
+    slice) become grayscale ``(1, X, Y)`` (colour merged, alpha dropped, as in training); volumes stay
+    ``(1, X, Y, Z)``. :class:`~causalclipseg.io.orientation.DisplayOrientation` then orients them for the model.
 
     Input policy (every refusal is a ``ValueError`` naming the file and the reason, before anything is written):
 
@@ -564,7 +569,8 @@ class LoadSegmentableImaged(MapTransform):
       is refused with the name to use; empty files and other formats are refused;
     - the header is read first, and an input holding more than :data:`MAX_INPUT_VOXELS` values is refused before
       any decoding, as is DICOM whose compressed pixel data no installed decoder reads, or DICOM without an image;
-    - DICOM: ``MONOCHROME1`` (white = low values) is inverted to the usual display, colour (RGB, YBR) is merged
+    - DICOM is shown as a viewer shows it (:func:`causalclipseg.io.dicom.voi_display`: modality LUT, the first
+      window or VOI LUT, ``MONOCHROME1`` and Presentation LUT Shape inversion), colour (RGB, YBR) is merged
       to gray like colour pictures; ``PALETTE COLOR`` and multi-frame colour DICOM are refused; palette and CMYK
       pictures are converted to RGB first (their raw values are not intensities);
     - 4-D inputs (time series, several values per voxel) and multi-page pictures are refused: extract one image;
@@ -611,6 +617,8 @@ class LoadSegmentableImaged(MapTransform):
                 for warning in caught:  # readers' remarks on odd headers: kept out of the user's terminal
                     logger.debug("%s: %s", source, warning.message)
             if header.kind == "DICOM":
+                if header.samples == 1:  # as a viewer shows it: modality LUT, first window or VOI LUT, inversion
+                    img = MetaTensor(torch.from_numpy(voi_display(img.numpy(), header.dataset))).copy_meta_from(img)
                 img = self._dicom_colour(img, header)
                 _complete_slice_normal(img)
                 if header.patient_orientation is not None:
@@ -634,8 +642,6 @@ class LoadSegmentableImaged(MapTransform):
             if low == high:
                 raise ValueError(f"cannot segment {source}: every pixel has the value {low:g}, there is nothing "
                                  f"to segment")
-            if header.kind == "DICOM" and header.photometric == "MONOCHROME1":
-                img = (high + low) - img  # MONOCHROME1: low values are white; the model saw white = high
             d[key] = img
         return d
 

@@ -11,7 +11,10 @@ that and changes what a per-request prompt needs:
   slice by slice) runs the network with the request's tokens bound by ``functools.partial`` (MONAI's slice inferer
   drops extra forward arguments); the network is shared between requests, so no per-request state is stored in it;
 - the bundle's ``postprocessing`` (sigmoid, threshold; its file writer left out) runs with the request's
-  ``threshold``; the label is written on the request image's grid (:meth:`TextPromptSegmentation.writer`).
+  ``threshold``; the label is written on the request image's grid (:meth:`TextPromptSegmentation.writer`) in the
+  app's own folder, never in the system temp folder: MONAI Label's client saves a result as ``<its temp
+  folder>/<the server's file name>`` and the ``/infer`` endpoint deletes the server's file after answering, so with
+  a local client (both in the system temp folder) that clean-up would delete the user's copy.
 
 The bundle's configs are parsed once, at start; requests do not re-parse them, so concurrent requests are safe.
 """
@@ -136,6 +139,8 @@ class TextPromptSegmentation(BundleInferTask):
         conf: the app's ``--conf`` options.
         weights: weight files, oldest first; the last one that exists is served and reloaded when it changes (the
             base weights, then the fine-tuned ones the train task publishes).
+        label_dir: the app's folder for the label files being answered (created when needed); MONAI Label deletes
+            each after sending it. Not the system temp folder, where a local client saves its copy under that name.
         model_name: the variant (``network_def``'s ``model_name``); ``None`` keeps the bundle's.
         prompt: the default prompt; ``None`` keeps the bundle's.
 
@@ -144,8 +149,9 @@ class TextPromptSegmentation(BundleInferTask):
     """
 
     def __init__(self, bundle_dir: str | os.PathLike, conf: dict, weights: Sequence[str | os.PathLike],
-                 model_name: str | None = None, prompt: str | None = None) -> None:
+                 label_dir: str | os.PathLike, model_name: str | None = None, prompt: str | None = None) -> None:
         self._model_name = model_name
+        self.label_dir = Path(label_dir)
         preload = strtobool(str(conf.get("preload", "false")))
         conf = {k: v for k, v in conf.items() if k != "preload"}  # loaded below, once the weights are set
         super().__init__(str(bundle_dir), conf, type=InferType.SEGMENTATION, add_post_restore=False,
@@ -227,6 +233,9 @@ class TextPromptSegmentation(BundleInferTask):
     def writer(self, data: dict, extension: str | None = None, dtype: Any = None) -> tuple[str, dict]:
         """Write the mask (values 0 background, 1 lesion, uint8) on the request image's grid to a temporary file.
 
+        The file lies in ``label_dir``, where no client saves its copy under the same name; MONAI Label's ``/infer``
+        endpoint deletes it after answering.
+
         Pictures (PNG/JPEG/BMP/TIFF) give a PNG with the picture's rows and columns; NIfTI inputs a NIfTI with the
         input's own header and affine; DICOM and NRRD inputs a NIfTI with the geometry MONAI read (RAS).
         ``result_extension`` picks another format: ``.nii.gz``/``.nii`` (any input), ``.nrrd``, ``.png`` (2-D only).
@@ -244,7 +253,8 @@ class TextPromptSegmentation(BundleInferTask):
         if ext == ".png" and mask.ndim != 2:
             raise BadRequestError(f"result_extension .png needs a 2-D image; this one is a volume of shape "
                                   f"{mask.shape}: use .nii.gz")
-        fd, target = tempfile.mkstemp(suffix=ext, prefix="causalclipseg_label_")
+        self.label_dir.mkdir(parents=True, exist_ok=True)
+        fd, target = tempfile.mkstemp(suffix=ext, prefix="causalclipseg_label_", dir=self.label_dir)
         os.close(fd)
         try:
             if ext == ".png":
