@@ -35,9 +35,11 @@ sys.path.insert(0, str(MODULE_DIR))
 from TextPromptSegmentationLib import dependencies, monailabel_client, segments, volume_io  # noqa: E402
 from TextPromptSegmentationLib.request import (  # noqa: E402
     EXAMPLE_PROMPTS,
+    PROMPT_SIDES,
     SegmentationRequest,
     build_predict_command,
     child_environment,
+    load_request,
     prepare_job,
 )
 from TextPromptSegmentationLib.runner import (  # noqa: E402
@@ -116,7 +118,8 @@ def _ui_widgets() -> tuple[ET.Element, dict[str, str]]:
 # The class each widget the module code looks up must have (the code uses that class's API).
 EXPECTED_WIDGET_CLASSES = {
     "inputVolumeSelector": "qMRMLNodeComboBox", "outputSegmentationSelector": "qMRMLNodeComboBox",
-    "promptTextEdit": "QPlainTextEdit", "examplePromptComboBox": "QComboBox", "backendComboBox": "QComboBox",
+    "promptTextEdit": "QPlainTextEdit", "examplePromptComboBox": "QComboBox", "promptSideComboBox": "QComboBox",
+    "backendComboBox": "QComboBox",
     "serverUrlLineEdit": "QLineEdit", "serverModelLineEdit": "QLineEdit", "deviceComboBox": "QComboBox",
     "thresholdSliderWidget": "ctkSliderWidget", "pythonPathLineEdit": "ctkPathLineEdit",
     "checkpointPathLineEdit": "ctkPathLineEdit", "packageLineEdit": "QLineEdit", "installButton": "QPushButton",
@@ -134,6 +137,22 @@ def test_every_widget_the_code_uses_exists_in_the_ui_with_its_class() -> None:
     for name in used:
         assert name in widgets, f"{name} is used by the code but missing from the .ui"
         assert widgets[name] == EXPECTED_WIDGET_CLASSES[name], f"{name} is a {widgets[name]} in the .ui"
+
+
+def test_prompt_side_is_offered_remembered_passed_on_and_explained() -> None:
+    _, widgets = _ui_widgets()
+    assert widgets.get("promptSideComboBox") == "QComboBox"
+    code = MODULE_FILE.read_text()
+    for use in ("self.ui.promptSideComboBox.addItem(label, side)", 'SETTINGS + "PromptSide"',
+                "prompt_side=self.ui.promptSideComboBox.currentData", "request.server_params()"):
+        assert use in code, f"the module lacks {use}"
+    assert code.count('SETTINGS + "PromptSide"') == 2, "the prompt side is saved and restored"
+    help_text = ast.literal_eval(re.search(r"helpText = (\(.*?\))\n", code, re.S).group(1))
+    readme = (EXTENSION / "README.md").read_text()
+    tips = " ".join(w.findtext("property[@name='toolTip']/string") for w in ET.parse(UI_FILE).getroot().iter("widget")
+                    if w.get("name") in ("promptTextEdit", "promptSideComboBox"))
+    for text in (help_text, readme, tips):
+        assert "patient's sides" in text and "screen's right" in text and "QaTa-COV19" in text
 
 
 def test_ui_declares_its_custom_widgets_and_connects_the_scene() -> None:
@@ -270,6 +289,15 @@ def test_request_validates_with_messages_that_teach() -> None:
     with pytest.raises(ValueError, match="threshold must be between 0 and 1"):
         SegmentationRequest("x", threshold=1.0)
     assert SegmentationRequest("x", device="cuda:1", checkpoint=" ").checkpoint is None
+    assert SegmentationRequest("x").prompt_side == "patient" and SegmentationRequest("x", prompt_side="viewer")
+    with pytest.raises(ValueError, match="^prompt_side must be patient or viewer .*, got 'Patient'$"):
+        SegmentationRequest("x", prompt_side="Patient")
+
+
+def test_prompt_sides_are_the_packages() -> None:
+    from causalclipseg.data.prompts import PROMPT_SIDES as package_sides
+
+    assert PROMPT_SIDES == package_sides
 
 
 def test_job_folder_and_predict_command(tmp_path: Path) -> None:
@@ -278,6 +306,7 @@ def test_job_folder_and_predict_command(tmp_path: Path) -> None:
     job = prepare_job(tmp_path / "job", request, np.zeros((2, 3, 4), np.int16), oblique_matrix())
     record = json.loads(job.request_file.read_text())
     assert record["prompt"] == prompt and record["device"] == "cpu" and record["threshold"] == 0.3
+    assert record["prompt_side"] == "patient"
     assert record["input"] == str(job.input_file) and job.input_file.is_file()
     assert Path(record["prompt_file"]).read_text().strip() == prompt
     command = build_predict_command("/opt/python", job.request_file)
@@ -285,12 +314,30 @@ def test_job_folder_and_predict_command(tmp_path: Path) -> None:
     options = dict(zip(command[5::2], command[6::2], strict=False))
     assert options["--prompt-file"] == record["prompt_file"] and options["--output-dir"] == str(job.output_dir)
     assert options["--device"] == "cpu" and float(options["--threshold"]) == 0.3
+    assert options["--prompt-side"] == "patient"
     assert "--overwrite" in command and command[-2:] == ["--checkpoint", "/w/model.pt"]
     assert prompt not in command
     assert job.mask_file == job.output_dir / "input_mask.nii.gz"
     (tmp_path / "bad.json").write_text("{}")
     with pytest.raises(ValueError, match="lacks prompt"):
         build_predict_command("python", tmp_path / "bad.json")
+
+
+def test_prompt_side_round_trips_and_older_requests_mean_the_patients(tmp_path: Path) -> None:
+    job = prepare_job(tmp_path / "job", SegmentationRequest("lesion, lower left lung", prompt_side="viewer"),
+                      np.zeros((1, 3, 4), np.int16), np.eye(4))
+    assert load_request(job.request_file)["prompt_side"] == "viewer"
+    command = build_predict_command("python", job.request_file)
+    assert command[command.index("--prompt-side") + 1] == "viewer"
+    older = json.loads(job.request_file.read_text())
+    del older["prompt_side"]  # written before the option existed
+    job.request_file.write_text(json.dumps(older))
+    assert load_request(job.request_file)["prompt_side"] == "patient"
+    command = build_predict_command("python", job.request_file)
+    assert command[command.index("--prompt-side") + 1] == "patient"
+    job.request_file.write_text(json.dumps({**older, "prompt_side": "left"}))
+    with pytest.raises(ValueError, match="prompt_side must be patient or viewer"):
+        build_predict_command("python", job.request_file)
 
 
 def test_child_environment_drops_slicer_python_settings_for_another_interpreter() -> None:
@@ -489,6 +536,17 @@ def test_monailabel_info_and_infer(tmp_path: Path, fake_server: str) -> None:
     assert image.read_bytes() in sent["body"] and b'filename="image.nii.gz"' in sent["body"]
 
 
+@pytest.mark.parametrize("side", PROMPT_SIDES)
+def test_monailabel_request_sends_the_prompt_side(tmp_path: Path, fake_server: str, side: str) -> None:
+    image = volume_io.write_volume(tmp_path / "image.nii.gz", np.ones((1, 4, 4), np.int16), np.eye(4))
+    _FakeMonaiLabel.label = volume_io.write_volume(tmp_path / "srv.nii.gz", np.zeros((1, 4, 4), np.uint8),
+                                                   np.eye(4)).read_bytes()
+    request = SegmentationRequest(PROMPT, device="cpu", threshold=0.4, prompt_side=side)
+    monailabel_client.infer(fake_server, "causalclipseg", image, request.server_params(), tmp_path / "out", timeout=10)
+    params = re.search(rb'name="params"\r\n\r\n(.*?)\r\n--', _FakeMonaiLabel.received["body"], re.S).group(1)
+    assert json.loads(params) == {"prompt": PROMPT, "prompt_side": side, "device": "cpu", "threshold": 0.4}
+
+
 @pytest.mark.parametrize("model, message", [
     ("broken", r"refused to run model 'broken': HTTP 500 Internal Server Error: Failed to execute infer$"),
     ("invalid", r"HTTP 422 Unprocessable Entity: field required$"),
@@ -530,16 +588,19 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-@pytest.mark.parametrize("shape", [(3, 40, 36), (1, 48, 40)], ids=["3d", "2d"])
-def test_local_backend_end_to_end(tmp_path: Path, tiny_checkpoint: Path, shape: tuple[int, int, int]) -> None:
-    """Volume -> job folder -> ``causalclipseg predict`` in a subprocess -> mask on the input's exact grid."""
+@pytest.mark.parametrize("shape, side", [((3, 40, 36), "patient"), ((1, 48, 40), "viewer")], ids=["3d", "2d-viewer"])
+def test_local_backend_end_to_end(tmp_path: Path, tiny_checkpoint: Path, shape: tuple[int, int, int],
+                                  side: str) -> None:
+    """Volume -> job folder -> ``causalclipseg predict --prompt-side`` in a subprocess -> mask on the input's grid."""
     rng = np.random.default_rng(0)
     array = rng.normal(0, 100, shape).astype(np.float32)
     matrix = oblique_matrix()
-    request = SegmentationRequest(PROMPT, device="cpu", threshold=0.5, model="tiny", checkpoint=str(tiny_checkpoint))
+    request = SegmentationRequest(PROMPT, device="cpu", threshold=0.5, model="tiny", checkpoint=str(tiny_checkpoint),
+                                  prompt_side=side)
     job = prepare_job(tmp_path / "job", request, array, matrix)
-    runner = ProcessRunner(build_predict_command(sys.executable, job.request_file),
-                           env=child_environment(os.environ, own_interpreter=True))
+    command = build_predict_command(sys.executable, job.request_file)
+    assert command[command.index("--prompt-side") + 1] == side
+    runner = ProcessRunner(command, env=child_environment(os.environ, own_interpreter=True))
     runner.start()
     state = runner.wait(timeout=120)
     assert state is RunState.SUCCEEDED, runner.output

@@ -30,6 +30,7 @@ from TextPromptSegmentationLib import dependencies, monailabel_client, segments,
 from TextPromptSegmentationLib.request import (
     DEVICES,
     EXAMPLE_PROMPTS,
+    PROMPT_SIDES,
     SegmentationRequest,
     build_predict_command,
     child_environment,
@@ -61,7 +62,10 @@ class TextPromptSegmentation(ScriptedLoadableModule):
         self.parent.helpText = (
             "Segment what a text prompt describes (e.g. a lesion and where it is) with CausalCLIPSeg, on this "
             "computer or on a MONAI Label server. CT/MR volumes are segmented slice by slice; single-slice "
-            "volumes (X-rays) as pictures. The result is a segment named after the prompt, on the input's grid.")
+            "volumes (X-rays) as pictures. The result is a segment named after the prompt, on the input's grid.<br>"
+            "<b>Left and right</b> in the prompt are the patient's sides, as clinicians say: in Slicer's default "
+            "views the patient's left lung is on the screen's right. For a prompt that names the screen's sides, "
+            "such as a QaTa-COV19 caption as written, set <i>Left/right mean</i> to the screen's (viewer).")
         self.parent.acknowledgementText = (
             "CausalCLIPSeg: Chen et al., MICCAI 2024 (LNCS 15003, pp. 77-87). Uses MONAI and open_clip.")
 
@@ -97,6 +101,9 @@ class TextPromptSegmentationWidget(ScriptedLoadableModuleWidget):
         self.ui.backendComboBox.addItem("MONAI Label server", REMOTE)
         for device, label in zip(DEVICES, ("Auto (GPU when present)", "CPU", "GPU (CUDA)"), strict=True):
             self.ui.deviceComboBox.addItem(label, device)
+        for side, label in zip(PROMPT_SIDES, ("The patient's sides (as clinicians say)",
+                                              "The screen's sides (viewer, as QaTa-COV19 captions)"), strict=True):
+            self.ui.promptSideComboBox.addItem(label, side)
 
         settings = qt.QSettings()
         self.ui.serverUrlLineEdit.text = settings.value(SETTINGS + "ServerUrl", DEFAULT_SERVER)
@@ -108,6 +115,8 @@ class TextPromptSegmentationWidget(ScriptedLoadableModuleWidget):
             settings.value(SETTINGS + "Backend", LOCAL)))
         self.ui.deviceComboBox.currentIndex = max(0, self.ui.deviceComboBox.findData(
             settings.value(SETTINGS + "Device", "auto")))
+        self.ui.promptSideComboBox.currentIndex = max(0, self.ui.promptSideComboBox.findData(
+            settings.value(SETTINGS + "PromptSide", "patient")))
 
         self.ui.examplePromptComboBox.connect("activated(int)", self.onExamplePrompt)
         self.ui.backendComboBox.connect("currentIndexChanged(int)", self.updateButtons)
@@ -161,8 +170,8 @@ class TextPromptSegmentationWidget(ScriptedLoadableModuleWidget):
         self.ui.pythonPathLineEdit.enabled = not remote and not running
         self.ui.checkpointPathLineEdit.enabled = not remote and not running
         for widget in (self.ui.inputVolumeSelector, self.ui.promptTextEdit, self.ui.examplePromptComboBox,
-                       self.ui.backendComboBox, self.ui.deviceComboBox, self.ui.thresholdSliderWidget,
-                       self.ui.outputSegmentationSelector, self.ui.installButton):
+                       self.ui.promptSideComboBox, self.ui.backendComboBox, self.ui.deviceComboBox,
+                       self.ui.thresholdSliderWidget, self.ui.outputSegmentationSelector, self.ui.installButton):
             widget.enabled = not running
         if running:
             self.ui.segmentButton.text = "Cancel"
@@ -191,6 +200,7 @@ class TextPromptSegmentationWidget(ScriptedLoadableModuleWidget):
         settings.setValue(SETTINGS + "Checkpoint", self.ui.checkpointPathLineEdit.currentPath)
         settings.setValue(SETTINGS + "Backend", self.backend())
         settings.setValue(SETTINGS + "Device", self.ui.deviceComboBox.currentData)
+        settings.setValue(SETTINGS + "PromptSide", self.ui.promptSideComboBox.currentData)
 
     def configureLogic(self) -> None:
         """Hand the advanced settings to the logic."""
@@ -239,7 +249,8 @@ class TextPromptSegmentationWidget(ScriptedLoadableModuleWidget):
             request = SegmentationRequest(
                 prompt=self.prompt(), device=self.ui.deviceComboBox.currentData,
                 threshold=float(self.ui.thresholdSliderWidget.value),
-                checkpoint=self.ui.checkpointPathLineEdit.currentPath.strip() or None)
+                checkpoint=self.ui.checkpointPathLineEdit.currentPath.strip() or None,
+                prompt_side=self.ui.promptSideComboBox.currentData)
             if self.ui.outputSegmentationSelector.currentNode() is None:
                 self.ui.outputSegmentationSelector.addNode()
             self.logic.start(self.ui.inputVolumeSelector.currentNode(), request, self.backend(),
@@ -378,13 +389,14 @@ class TextPromptSegmentationLogic(ScriptedLoadableModuleLogic):
             backend
         self.log(f"Input {inputVolume.GetName()}: {array.shape[2]} x {array.shape[1]} x {array.shape[0]} voxels; "
                  f"job folder {folder}")
+        self.log(f"'Left' and 'right' in the prompt: the {request.prompt_side}'s sides")
         if backend == LOCAL:
             python, own = self.interpreter()
             command = build_predict_command(python, self._job.request_file)
             self.log("Running: " + " ".join(command))
             self._run = ProcessRunner(command, env=child_environment(os.environ, own), cwd=folder)
         else:
-            params = {"prompt": request.prompt, "device": request.device, "threshold": request.threshold}
+            params = request.server_params()
             self.log(f"Sending the image to {monailabel_client.normalise_url(serverUrl)} (model {serverModel!r})")
             self._run = BackgroundCall(monailabel_client.infer, serverUrl, serverModel, self._job.input_file, params,
                                        self._job.output_dir)

@@ -1,8 +1,9 @@
 """A small MONAI Label client (standard library only) whose every failure is one readable sentence.
 
 It speaks the two endpoints the module needs: ``GET /info/`` (the app and its models) and
-``POST /infer/{model}?output=image`` with a multipart body holding ``params`` (JSON; the prompt goes there)
-and ``file`` (the image), answered by the label file. The official ``monailabel`` client is not needed.
+``POST /infer/{model}?output=image`` with a multipart body holding ``params`` (JSON: the prompt, ``prompt_side``,
+device, threshold; see ``SegmentationRequest.server_params``) and ``file`` (the image), answered by the label
+file. The official ``monailabel`` client is not needed.
 """
 
 from __future__ import annotations
@@ -139,7 +140,7 @@ def infer(url: str, model: str, image_path: str | os.PathLike, params: Mapping[s
         url: the server, e.g. ``http://127.0.0.1:8000``.
         model: a model name from :func:`available_models`.
         image_path: the image to upload (NIfTI or NRRD).
-        params: request parameters, e.g. ``{"prompt": "...", "device": "cuda"}``.
+        params: request parameters, e.g. ``{"prompt": "...", "prompt_side": "patient", "device": "cuda"}``.
         output_dir: folder for the result, written as ``label`` + the server's suffix.
         timeout: seconds to wait for the server at each step (connect, each read).
 

@@ -1,11 +1,12 @@
-"""A segmentation request for the local backend: the files it needs and the ``causalclipseg predict`` command.
+"""A segmentation request: for the local backend the files it needs and the ``causalclipseg predict`` command, for
+a MONAI Label server the ``/infer`` parameters.
 
 A job folder holds everything one run needs and leaves behind, so that a failed run can be repeated by hand::
 
     job/
       input.nii.gz      the volume, on its exact geometry (see :mod:`.volume_io`)
       prompt.txt        the prompt (any punctuation is safe in a file)
-      request.json      prompt, device, threshold, model, checkpoint, input and output paths
+      request.json      prompt, prompt side, device, threshold, model, checkpoint, input and output paths
       output/           where ``causalclipseg predict`` writes ``input_mask.nii.gz``
 
 The command is built from ``request.json`` alone, so that the file is the single record of what was asked.
@@ -24,12 +25,18 @@ import numpy as np
 
 from .volume_io import write_volume
 
-__all__ = ["DEVICES", "EXAMPLE_PROMPTS", "SegmentationRequest", "LocalJob", "prepare_job", "load_request",
-           "build_predict_command", "child_environment"]
+__all__ = ["DEVICES", "PROMPT_SIDES", "EXAMPLE_PROMPTS", "SegmentationRequest", "LocalJob", "prepare_job",
+           "load_request", "build_predict_command", "child_environment"]
 
 DEVICES = ("auto", "cpu", "cuda")
 
+# Whose left "left" in a prompt is: the patient's (as clinicians say; the default of every front door) or the viewer's
+# (the screen's left, as QaTa-COV19's captions are written). The same values as causalclipseg.data.prompts.PROMPT_SIDES,
+# repeated because this Lib must not import the package (Slicer's Python may not have it).
+PROMPT_SIDES = ("patient", "viewer")
+
 # Prompts in the style the shipped model was trained on (QaTa-COV19 chest X-ray reports): where, how many, which side.
+# Their sides are read as the request's prompt_side says (the patient's by default).
 EXAMPLE_PROMPTS = (
     "Bilateral pulmonary infection, two infected areas, lower left lung and lower right lung.",
     "Unilateral pulmonary infection, one infected area, lower left lung.",
@@ -54,9 +61,11 @@ class SegmentationRequest:
         threshold: probability above which a voxel is in the segment, in (0, 1).
         model: model variant; ``None`` lets the package pick its default.
         checkpoint: weights file; ``None`` uses the weights shipped with the package.
+        prompt_side: whose left "left" in the prompt is: ``patient`` (as clinicians say; in Slicer's default views the
+            patient's left is on the screen's right) or ``viewer`` (the screen's sides, as QaTa-COV19's captions).
 
     Raises:
-        ValueError: for an empty prompt, an unknown device or a threshold outside (0, 1).
+        ValueError: for an empty prompt, an unknown device, a threshold outside (0, 1) or an unknown prompt side.
     """
 
     prompt: str
@@ -64,6 +73,7 @@ class SegmentationRequest:
     threshold: float = 0.5
     model: str | None = None
     checkpoint: str | None = None
+    prompt_side: str = "patient"
 
     def __post_init__(self) -> None:
         if not self.prompt.strip():
@@ -72,10 +82,18 @@ class SegmentationRequest:
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if not 0.0 < self.threshold < 1.0:
             raise ValueError(f"threshold must be between 0 and 1 (exclusive), got {self.threshold}")
+        if self.prompt_side not in PROMPT_SIDES:
+            raise ValueError(f"prompt_side must be patient or viewer (whose left 'left' means), "
+                             f"got {self.prompt_side!r}")
         if self.checkpoint is not None and not self.checkpoint.strip():
             object.__setattr__(self, "checkpoint", None)
         if self.model is not None and not self.model.strip():
             object.__setattr__(self, "model", None)
+
+    def server_params(self) -> dict[str, str | float]:
+        """The ``params`` of a MONAI Label ``/infer`` request: prompt, prompt side, device and threshold."""
+        return {"prompt": self.prompt, "prompt_side": self.prompt_side, "device": self.device,
+                "threshold": self.threshold}
 
 
 @dataclass(frozen=True)
@@ -120,7 +138,7 @@ def prepare_job(folder: str | os.PathLike, request: SegmentationRequest, array_k
 
 
 def load_request(request_file: str | os.PathLike) -> dict:
-    """Read ``request.json``, checking its fields.
+    """Read ``request.json``, checking its fields; a request written before ``prompt_side`` existed gets ``patient``.
 
     Raises:
         ValueError: if the file is not a request written by :func:`prepare_job`.
@@ -133,13 +151,14 @@ def load_request(request_file: str | os.PathLike) -> dict:
                if key not in record]
     if missing:
         raise ValueError(f"the request {request_file} lacks {', '.join(missing)}")
+    record.setdefault("prompt_side", "patient")
     SegmentationRequest(record["prompt"], record["device"], record["threshold"], record.get("model"),
-                        record.get("checkpoint"))  # validates
+                        record.get("checkpoint"), record["prompt_side"])  # validates
     return record
 
 
 def build_predict_command(python: str | os.PathLike, request_file: str | os.PathLike) -> list[str]:
-    """``python -m causalclipseg.cli predict INPUT --prompt-file ... --output-dir ...`` for a request file.
+    """``python -m causalclipseg.cli predict INPUT --prompt-file ... --prompt-side ... ...`` for a request file.
 
     Args:
         python: the interpreter that has the ``causalclipseg`` package (Slicer's ``PythonSlicer``, or another).
@@ -150,7 +169,8 @@ def build_predict_command(python: str | os.PathLike, request_file: str | os.Path
     """
     record = load_request(request_file)
     command = [str(python), "-m", "causalclipseg.cli", "predict", record["input"],
-               "--prompt-file", record["prompt_file"], "--output-dir", record["output_dir"],
+               "--prompt-file", record["prompt_file"], "--prompt-side", record["prompt_side"],
+               "--output-dir", record["output_dir"],
                "--device", record["device"], "--threshold", repr(float(record["threshold"])), "--overwrite"]
     if record.get("model"):
         command += ["--model", record["model"]]
