@@ -37,6 +37,7 @@ from PIL import Image  # noqa: E402
 
 from causalclipseg import create_model  # noqa: E402
 from causalclipseg.bundle import BundleNetwork, LoadSegmentableImaged, SliceWiseInferer  # noqa: E402
+from causalclipseg.data.prompts import swap_laterality  # noqa: E402
 from causalclipseg.engine.checkpoint import save_weights  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -319,9 +320,11 @@ def test_unknown_model_is_404(server, data):
 
 
 def test_default_conf_serves_the_bundle_weights_in_process(qata_root, tmp_path):
-    """Without ``--conf checkpoint`` the app serves ``bundle/models/model.pt`` (the package's weights, one file);
-    on five QaTa-COV19 validation images with their own captions the shipped model finds the lesions (mean Dice;
-    the model's validation mean is 0.77). Through the app object, as ``monailabel.interfaces.utils.app`` runs it."""
+    """Without ``--conf checkpoint`` the app serves ``bundle/models/model.pt`` (a copy of the package's weights);
+    on five QaTa-COV19 validation images with their own captions (the viewer's side: ``prompt_side`` viewer) the
+    shipped model finds the lesions (mean Dice; the model's validation mean is 0.77), and the same captions worded
+    with the patient's sides (the default) give the same labels. Through the app object, as
+    ``monailabel.interfaces.utils.app`` runs it."""
     from monailabel.interfaces.utils.app import app_instance
 
     images = sorted((qata_root / "images" / "valid" / "images").glob("*.png"))[:5]
@@ -332,13 +335,19 @@ def test_default_conf_serves_the_bundle_weights_in_process(qata_root, tmp_path):
         (tmp_path / "studies" / f"x{i}.png").write_bytes(image.read_bytes())
     app = app_instance(app_dir=str(APP), studies=str(tmp_path / "studies"), conf={"model_dir": str(tmp_path / "m")})
     served = Path(app.infer_task.get_path())
-    assert served == (REPO / "bundle" / "models" / "model.pt").resolve() == \
-        (REPO / "causalclipseg" / "weights" / "causalclipseg_tiny_qata.pt").resolve()
+    assert served == (REPO / "bundle" / "models" / "model.pt").resolve()
+    assert served.read_bytes() == (REPO / "causalclipseg" / "weights" / "causalclipseg_tiny_qata.pt").read_bytes()
+    assert app.info()["models"][MODEL]["config"]["prompt_side"] == ["patient", "viewer"]
     dice = []
     for i, image in enumerate(images):
-        result = app.infer({"model": MODEL, "image": f"x{i}", "prompt": captions[f"mask_{image.name}"]})
+        caption = captions[f"mask_{image.name}"]
+        result = app.infer({"model": MODEL, "image": f"x{i}", "prompt": caption, "prompt_side": "viewer"})
         mask = png_label(result["file"]) > 0
         Path(result["file"]).unlink()
+        patient = app.infer({"model": MODEL, "image": f"x{i}", "prompt": swap_laterality(caption)})
+        assert patient["params"]["prompt_side"] == "patient"
+        assert np.array_equal(png_label(patient["file"]) > 0, mask)
+        Path(patient["file"]).unlink()
         truth = png_label(str(image.parent.parent / "masks" / f"mask_{image.name}")) > 0
         assert mask.shape == truth.shape and result["params"]["weights"] == served.name
         dice.append(2 * (mask & truth).sum() / max(1, mask.sum() + truth.sum()))
@@ -394,6 +403,7 @@ def test_train_from_datastore_labels_then_serve_the_fine_tuned_weights(server, d
     assert published.is_file() and published.parent == server.model_dir
     datalist = json.loads((Path(stats["run_dir"]) / "datalist.json").read_text())
     prompts = {Path(r["image"]).name.split("_z")[0]: r["prompt"] for r in datalist["training"] + datalist["validation"]}
-    assert prompts["xray1.png"] == PROMPT_B and prompts["vol1"] == client.info()["trainers"][MODEL]["config"]["prompt"]
+    assert prompts["xray1"] == PROMPT_B and prompts["vol1"] == client.info()["trainers"][MODEL]["config"]["prompt"]
+    assert datalist["prompt_side"] == "patient"  # users' prompts; the engine translates them to the model's
     _, params = client.infer(MODEL, "xray1", {"prompt": PROMPT_A})
     assert params["weights"] == published.name  # the next request is served by the fine-tuned weights

@@ -4,13 +4,18 @@ MONAI Label's ``BundleInferTask`` reads the bundle (``configs/inference.json``, 
 ``models/model.pt``) and builds its ``network_def`` (:class:`causalclipseg.bundle.BundleNetwork`). This task keeps
 that and changes what a per-request prompt needs:
 
-- the request's ``prompt`` (default: the bundle's) is checked and tokenised by the first pre-transform
-  (:class:`PromptTokensd`); the bundle's ``preprocessing`` (``LoadSegmentableImaged``) then reads the image on its
-  own grid; an empty prompt or an unreadable image is a :class:`~lib.common.BadRequestError` (HTTP 400);
+- the request's ``prompt`` (default: the bundle's) and ``prompt_side`` (``patient``, the default: "left" is the
+  patient's left; or ``viewer``) are checked by the first pre-transform (:class:`PromptTokensd`); the image path
+  goes through the input policy every front door shares (:func:`causalclipseg.io.inputs.list_inputs`: one file or
+  one DICOM series); the bundle's ``preprocessing`` (``LoadSegmentableImaged``, ``DisplayOrientationd``) then reads
+  it and brings it to display orientation; an empty prompt or an unreadable image is a
+  :class:`~lib.common.BadRequestError` (HTTP 400);
 - the bundle's ``inferer`` (:class:`~causalclipseg.engine.inference.SliceWiseInferer`: 2-D in one call, volumes
   slice by slice) runs the network with the request's tokens bound by ``functools.partial`` (MONAI's slice inferer
-  drops extra forward arguments); the network is shared between requests, so no per-request state is stored in it;
-- the bundle's ``postprocessing`` (sigmoid, threshold; its file writer left out) runs with the request's
+  drops extra forward arguments): the prompt translated to the served weights' laterality convention; the network
+  is shared between requests, so no per-request state is stored in it;
+- the bundle's ``postprocessing`` (back to the input's grid, sigmoid, threshold; its file writer left out) runs
+  with the request's
   ``threshold``; the label is written on the request image's grid (:meth:`TextPromptSegmentation.writer`) in the
   app's own folder, never in the system temp folder: MONAI Label's client saves a result as ``<its temp
   folder>/<the server's file name>`` and the ``/infer`` endpoint deletes the server's file after answering, so with
@@ -42,9 +47,10 @@ from monailabel.utils.others.generic import device_map, name_to_device, strtoboo
 from PIL import Image
 
 from causalclipseg.bundle import SaveMaskd
-from causalclipseg.data.transforms import file_suffix
-from causalclipseg.engine.inference import PICTURE_SUFFIXES, mask_like_nifti
+from causalclipseg.data.prompts import check_prompt_side
+from causalclipseg.engine.inference import mask_like_nifti, model_tokens
 from causalclipseg.factory import load_state_dict
+from causalclipseg.io.inputs import PICTURE_SUFFIXES, file_suffix, list_inputs
 from causalclipseg.tokenizer import validate_prompt
 
 from .common import BadRequestError, describe_source
@@ -80,13 +86,18 @@ def _affine_4x4(image: torch.Tensor) -> np.ndarray:
 
 
 class PromptTokensd:
-    """First pre-transform: checks the request's knobs and tokenises its prompt.
+    """First pre-transform: checks the request's knobs.
 
-    ``data["prompt"]`` (text) -> ``data["text"]`` ``(1, context_length)`` token ids; ``data["threshold"]`` -> float
-    in (0, 1).
+    ``data["prompt"]`` must be text the tokenizer takes; ``data["prompt_side"]`` (``patient``, the default, or
+    ``viewer``: whose left the prompt's "left" is); ``data["threshold"]`` -> float in (0, 1). The token ids are made
+    when the served network is known (:meth:`TextPromptSegmentation._get_network`), in its weights' convention.
+
+    Args:
+        tokenize: the model's tokenizer (validates the prompt).
 
     Raises:
-        BadRequestError: for a prompt that is not text or is empty, or a threshold outside (0, 1).
+        BadRequestError: for a prompt that is not text or is empty, an unknown prompt side, or a threshold outside
+            (0, 1).
     """
 
     def __init__(self, tokenize: Callable[[str], torch.Tensor]) -> None:
@@ -94,8 +105,16 @@ class PromptTokensd:
 
     def __call__(self, data: dict) -> dict:
         d = dict(data)
+        side = d.get("prompt_side")
+        if isinstance(side, (list, tuple)):  # the config's list of choices, sent back as it is: its first
+            side = side[0] if side else None
+        d["prompt_side"] = side or "patient"
         try:
-            d["text"] = self.tokenize(validate_prompt(d.get("prompt")))
+            check_prompt_side(d["prompt_side"])
+        except ValueError as err:
+            raise BadRequestError(str(err)) from err
+        try:
+            self.tokenize(validate_prompt(d.get("prompt")))
         except (TypeError, ValueError) as err:
             raise BadRequestError(f"{err}; send params {{\"prompt\": \"what to segment\"}}") from err
         threshold = d.get("threshold")
@@ -120,9 +139,13 @@ class _RequestImaged:
             raise BadRequestError(f"image must be a file path, a datastore image id or an upload, got "
                                   f"{type(source).__name__}")
         try:
+            found = list_inputs(source)  # the input policy of every front door: a file, or one DICOM series
+            if len(found) != 1:
+                raise ValueError(f"{source} holds {len(found)} images: send one image or one DICOM series per "
+                                 f"request")
             for transform in self.transforms:
                 data = transform(data)
-        except ValueError as err:
+        except (ValueError, FileNotFoundError) as err:
             raise BadRequestError(describe_source(str(err), source)) from err
         return data
 
@@ -163,7 +186,8 @@ class TextPromptSegmentation(BundleInferTask):
         self._config.pop("model_filename", None)  # MONAI Label's per-request file choice would bypass self.path
         default_prompt = prompt if prompt is not None else self.bundle_config.get_parsed_content("prompt_text")
         PromptTokensd(self.network.model.tokenize)({"prompt": default_prompt, "threshold": 0.5})  # fail at start
-        self._config.update({"prompt": default_prompt, "threshold": float(self.bundle_config["threshold"])})
+        self._config.update({"prompt": default_prompt, "prompt_side": ["patient", "viewer"],
+                             "threshold": float(self.bundle_config["threshold"])})
 
         parsed = self.bundle_config.get_parsed_content
         pre = parsed(self.const.key_preprocessing()[0])
@@ -219,10 +243,12 @@ class TextPromptSegmentation(BundleInferTask):
             return self._networks[device][0], path
 
     def _get_network(self, device, data):
-        """The network for ``device`` with the request's tokens bound (shared by concurrent requests)."""
+        """The network for ``device`` with the request's tokens bound (shared by concurrent requests): the prompt
+        translated to the laterality convention of the weights served (a fine-tuned file records its own)."""
         network, path = self._network(device)
         data["weights"] = os.path.basename(path)
-        return functools.partial(network, text=data["text"].to(torch.device(device)))
+        tokens = model_tokens(network.model, data["prompt"], data["prompt_side"])
+        return functools.partial(network, text=tokens.to(torch.device(device)))
 
     def post_transforms(self, data=None) -> Sequence[Callable]:
         threshold = data["threshold"]
@@ -244,8 +270,9 @@ class TextPromptSegmentation(BundleInferTask):
             BadRequestError: for an unknown ``result_extension`` or a PNG asked for a volume.
         """
         source = str(data["image_path"])
-        image = data[self.input_key]
-        mask = data[self.output_label_key][0].detach().cpu().numpy().astype(np.uint8)  # (X, Y) or (X, Y, Z)
+        label = data[self.output_label_key]  # back on the input's grid (Invertd), with the input's affine
+        image = label if hasattr(label, "affine") else data[self.input_key]
+        mask = label[0].detach().cpu().numpy().astype(np.uint8)  # (X, Y) or (X, Y, Z)
         picture = file_suffix(source) in PICTURE_SUFFIXES
         ext = extension or data.get("result_extension") or (".png" if picture else ".nii.gz")
         if ext not in RESULT_EXTENSIONS:
@@ -272,6 +299,7 @@ class TextPromptSegmentation(BundleInferTask):
             raise
         result = {
             "prompt": data["prompt"],
+            "prompt_side": data["prompt_side"],
             "threshold": data["threshold"],
             "weights": data.get("weights"),
             "label_values": {"background": 0, "lesion": 1},

@@ -1,14 +1,17 @@
 """The train task: fine-tune the served weights on the labels saved in the datastore (the active-learning loop).
 
-Each run reads the images with a ``final`` label from the datastore, writes a MONAI datalist JSON (2-D images as
-they are; volumes as their 2-D slices, written beside it), and runs the package's training engine
+Each run reads the images with a ``final`` label from the datastore, writes a MONAI datalist JSON of 2-D image and
+label pairs as the model sees them (read as inference reads them, DICOM as a viewer shows it, in display
+orientation; volumes as their slices), and runs the package's training engine
 (:func:`causalclipseg.engine.training.train`, the adversarial min-max step, validation, atomic checkpoints) starting
 from the weights the infer task serves. The best validated weights are then published atomically to
 ``<model_dir>/causalclipseg_finetuned.pt``, which the infer task serves from its next request on.
 
 Labels saved from Slicer carry no text. The prompt of a record is, in order: ``prompt`` in the label's info (the
 ``params`` of ``PUT /datastore/label``), ``params.prompt`` there (labels saved by an inference with ``save_label``),
-``prompt`` in the image's info, else the task's configured ``prompt``.
+``prompt`` in the image's info, else the task's configured ``prompt``. Prompts name the patient's sides, unless the
+same place says ``"prompt_side": "viewer"``; the datalist says ``"prompt_side": "patient"``, and the training
+engine translates them to the served model's convention.
 """
 
 from __future__ import annotations
@@ -24,13 +27,16 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 import torch
+from monai.data import MetaTensor
 from monai.transforms import LoadImage
 from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
 from monailabel.interfaces.tasks.train import TrainTask
 
+from causalclipseg.data.prompts import check_prompt_side, to_model_side
 from causalclipseg.data.transforms import LoadSegmentableImaged, error_reason
 from causalclipseg.engine.checkpoint import atomic_write
 from causalclipseg.engine.training import TrainConfig, train
+from causalclipseg.io.orientation import GEOMETRY_KEY, DisplayOrientation
 
 from .common import BadRequestError
 
@@ -40,14 +46,19 @@ __all__ = ["FineTuneFromDatastore", "datastore_records"]
 
 
 def _prompt_for(datastore: Datastore, image_id: str, label_id: str, tag: str, default: str) -> tuple[str, str]:
-    """The record's prompt and where it came from."""
+    """The record's prompt, worded with the patient's sides, and where it came from.
+
+    Raises:
+        ValueError: if the place of the prompt names an unknown ``prompt_side``.
+    """
     label_info = datastore.get_label_info(label_id, tag) or {}
     params = label_info.get("params") if isinstance(label_info.get("params"), dict) else {}
     image_info = datastore.get_image_info(image_id) or {}
-    for where, value in (("label info", label_info.get("prompt")), ("label params", params.get("prompt")),
-                         ("image info", image_info.get("prompt"))):
+    for where, info in (("label info", label_info), ("label params", params), ("image info", image_info)):
+        value = info.get("prompt")
         if isinstance(value, str) and value.strip():
-            return value.strip(), where
+            side = check_prompt_side(info.get("prompt_side", "patient"), f"{where} prompt_side of {image_id}")
+            return to_model_side(value.strip(), side, "patient"), where
     return default, "default"
 
 
@@ -65,8 +76,9 @@ def datastore_records(datastore: Datastore, default_prompt: str, tag: str = Defa
 
 
 def _as_training_pairs(record: dict, slice_dir: Path) -> list[dict]:
-    """Datalist entries for one record: the files themselves for a 2-D image, one NIfTI pair per labelled slice
-    (and as many unlabelled slices, evenly spread, at most) for a volume.
+    """Datalist entries for one record: NIfTI image and label pairs as the model sees them (read like an inference
+    input, in display orientation): a 2-D image as one pair, a volume as one pair per labelled slice (and as many
+    unlabelled slices, evenly spread, at most).
 
     Raises:
         ValueError: if the image or label cannot be read, or they do not share a grid.
@@ -85,9 +97,12 @@ def _as_training_pairs(record: dict, slice_dir: Path) -> list[dict]:
     if tuple(label.shape[1:]) != spatial:
         raise ValueError(f"label {Path(record['label']).name} has shape {tuple(label.shape[1:])}, its image "
                          f"{Path(record['image']).name} {spatial}: they must share a grid")
-    entry = {"prompt": record["prompt"]}
-    if len(spatial) == 2:
-        return [{"image": record["image"], "label": record["label"], **entry}]
+    # both in the image's display orientation, as inference shows the image to the model
+    label = MetaTensor(label.float(), affine=image.affine, meta={GEOMETRY_KEY: image.meta[GEOMETRY_KEY]})
+    orient = DisplayOrientation()
+    image, label = orient(image).as_tensor(), orient(label).as_tensor()
+    if image.ndim == 3:
+        image, label = image[..., None], label[..., None]  # one slice
     lesion = (label[0] > 0).flatten(0, 1).any(0).numpy()  # per slice along the last axis
     labelled, empty = np.flatnonzero(lesion), np.flatnonzero(~lesion)
     n_empty = min(len(empty), max(len(labelled), 1))
@@ -99,7 +114,7 @@ def _as_training_pairs(record: dict, slice_dir: Path) -> list[dict]:
         stem = slice_dir / f"{record['id']}_z{z:04d}"
         nib.save(nib.Nifti1Image(image[0, ..., z].numpy().astype(np.float32), np.eye(4)), f"{stem}_image.nii.gz")
         nib.save(nib.Nifti1Image((label[0, ..., z] > 0).numpy().astype(np.uint8), np.eye(4)), f"{stem}_label.nii.gz")
-        pairs.append({"image": f"{stem}_image.nii.gz", "label": f"{stem}_label.nii.gz", **entry})
+        pairs.append({"image": f"{stem}_image.nii.gz", "label": f"{stem}_label.nii.gz", "prompt": record["prompt"]})
     return pairs
 
 
@@ -188,7 +203,8 @@ class FineTuneFromDatastore(TrainTask):
         training = pairs[: len(pairs) - n_val]
         datalist = run_dir / "datalist.json"
         datalist.parent.mkdir(parents=True, exist_ok=True)
-        datalist.write_text(json.dumps({"training": training, "validation": validation}, indent=2))
+        datalist.write_text(json.dumps({"prompt_side": "patient", "training": training, "validation": validation},
+                                       indent=2))
 
         init = self.infer_task.get_path()
         cfg = TrainConfig(data=str(datalist), output_dir=str(run_dir / "train"), model=self.model_name,
