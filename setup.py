@@ -33,7 +33,8 @@ setup(
         "safetensors",
     ],
     extras_require={
-        "test": ["pytest>=7", "fvcore", "jsonschema", "ruff"],
+        # setuptools: tests/test_packaging.py builds the wheel and the sdist offline (bdist_wheel without `wheel`)
+        "test": ["pytest>=7", "fvcore", "jsonschema", "ruff", "setuptools>=70.1"],
         # MONAI Label app (monailabel_app/): 0.8.5 starts only with pydicom 2, dicomweb-client 0.59.1, pynetdicom 2
         "monailabel": ["monailabel==0.8.5", "pydicom>=2.4,<3", "dicomweb-client[gcp]==0.59.1", "pynetdicom<3",
                        "psutil"],

@@ -219,7 +219,8 @@ class BundleNetwork(nn.Module):
 class ExportNetwork(nn.Module):
     """CausalCLIPSeg traced for TorchScript, with the token ids as its second input: the ``ckpt_export`` target.
 
-    ``torch.jit.script`` cannot compile open_clip's modules, and MONAI's ``ckpt_export`` traces with one input only,
+    ``torch.jit.script`` cannot compile the package's wrappers around open_clip's towers (``math.isqrt``,
+    ``Sequence`` annotations, the ``TextFeatures`` dataclass), and MONAI's ``ckpt_export`` traces with one input only,
     so the model is traced here with ``(image, tokens)`` and wrapped in a scriptable module. The trace fixes the
     shapes: ``image`` ``(batch_size, 3, S, S)`` preprocessed as in :func:`get_slice_preprocessing` (S is the
     variant's ``image_size``) and ``text`` ``(batch_size, L)`` token ids from the package's tokenizer; any prompt

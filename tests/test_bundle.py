@@ -2,14 +2,17 @@
 
 Every test runs the real command (``python -m monai.bundle ...``, ``torchrun``) on small inputs written here, with a
 random tiny checkpoint (the trained weights are not needed): a PNG X-ray, a DICOM DX X-ray, an oblique NIfTI volume,
-an NRRD volume and a small DICOM CT series.
+an NRRD volume and a small DICOM CT series. The bundle standing alone is checked with its own weights and sample: a
+copy made elsewhere runs and passes MONAI's property check as given, and the Model Zoo's CI passes.
 """
 
 from __future__ import annotations
 
+import filecmp
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -28,6 +31,8 @@ from .conftest import save_dicom
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundle"
 SCHEMA = Path(__file__).resolve().parents[2] / "shared" / "monai" / "meta_schema_20240725.json"
+ZOO_CI = Path(__file__).resolve().parents[2] / "shared" / "monai" / "model-zoo-ci" / "run"
+PACKAGE_WEIGHTS = BUNDLE.parent / "causalclipseg" / "weights" / "causalclipseg_tiny_qata.pt"
 PROMPT_A = "bilateral pulmonary infection, two infected areas, lower left lung and lower right lung."
 PROMPT_B = "unilateral pulmonary infection, one infected area, upper right lung."
 
@@ -183,13 +188,86 @@ def test_model_zoo_ci_rules():
     for path in (BUNDLE / "configs").glob("*.json"):
         text = path.read_text()
         assert text == json.dumps(json.loads(text), indent=4) + "\n", f"{path.name} is not pretty-printed"
-    assert os.readlink(BUNDLE / "models" / "model.pt") == "../../causalclipseg/weights/causalclipseg_tiny_qata.pt"
+    assert not (BUNDLE / "models" / "model.pt").is_symlink()  # a zip or zoo checkout keeps a link, broken
     for name in ("LICENSE", "large_files.yml", "docs/README.md", "docs/data_license.txt", "configs/logging.conf"):
         assert (BUNDLE / name).is_file(), name
     readme = (BUNDLE / "docs" / "README.md").read_text().lower()
     for heading in ("model overview", "data", "preprocessing", "performance", "system configuration", "limitations",
                     "citation"):
         assert f"# {heading}" in readme, heading
+
+
+def test_model_pt_is_the_package_weights():
+    model = BUNDLE / "models" / "model.pt"
+    assert model.is_file() and not model.is_symlink()
+    assert filecmp.cmp(model, PACKAGE_WEIGHTS, shallow=False), \
+        f"{model} differs from {PACKAGE_WEIGHTS}: copy the package's weights into the bundle"
+
+
+def test_model_zoo_ci_passes():
+    """The Model Zoo's own ``ci/verify_bundle.py`` (offline copy), TorchScript skipped the zoo's way (see the bundle's
+    docs: ``torch.jit.script`` cannot compile the network; the traced export is checked above)."""
+    if not ZOO_CI.is_file():
+        pytest.skip(f"the Model Zoo's CI scripts are not at {ZOO_CI.parent}")
+    env = {**os.environ, "PYTHONWARNINGS": "ignore",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}  # its `python`: ours
+    result = subprocess.run([str(ZOO_CI), str(BUNDLE), "full", "--no-torchscript"], env=env, timeout=600,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert result.returncode == 0, result.stdout[-4000:]
+    for step in ("directory is verified correctly", "version and changelog are verified correctly",
+                 "metadata format is verified correctly", "data shape is verified correctly"):
+        assert step in result.stdout, result.stdout[-4000:]
+
+
+# ---------------------------------------------------------------------------------------------- the bundle alone
+@pytest.fixture(scope="module")
+def bundle_copy(tmp_path_factory) -> Path:
+    """``bundle/`` copied elsewhere, as a user or the Model Zoo gets it (links kept as links), without outputs."""
+    copy = tmp_path_factory.mktemp("elsewhere") / "causalclipseg_bundle"
+    shutil.copytree(BUNDLE, copy, symlinks=True, ignore=shutil.ignore_patterns("eval", "model.ts", "__pycache__"))
+    return copy
+
+
+def _sample() -> tuple[Path, Path]:
+    """The shipped sample X-ray and its ground-truth mask (relative to the bundle folder)."""
+    (image,) = (BUNDLE / "sample_data").glob("*.png")
+    return image.relative_to(BUNDLE), (image.parent / "masks" / f"mask_{image.name}").relative_to(BUNDLE)
+
+
+def test_the_default_input_is_the_sample_xray_alone():
+    image, mask = _sample()
+    assert (BUNDLE / mask).is_file() and (BUNDLE / "sample_data" / "caption.txt").is_file()
+    assert (BUNDLE / "sample_data" / "LICENSE").is_file() and (BUNDLE / "sample_data" / "README.md").is_file()
+    config = json.loads((BUNDLE / "configs" / "inference.json").read_text())
+    assert config["input"] == "@dataset_dir" and config["dataset_dir"] == "$@bundle_root + '/sample_data'"
+    assert list_inputs(BUNDLE / "sample_data") == [{"image": str(BUNDLE / image)}]  # not the mask, not the texts
+
+
+def test_a_copy_runs_with_no_overrides(bundle_copy):
+    """``run`` as given, in a copy of the bundle: the shipped weights segment the shipped sample with the default
+    prompt (the patient's side), and only the X-ray."""
+    result = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json"],
+                            cwd=bundle_copy, env={**os.environ, "PYTHONWARNINGS": "ignore"}, timeout=300,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    _ok(result)
+    image, truth_path = _sample()
+    written = sorted(p.name for p in (bundle_copy / "eval").iterdir())
+    assert written == [f"{image.stem}_mask.nii.gz", f"{image.stem}_mask.png"], written
+    mask = np.array(Image.open(bundle_copy / "eval" / f"{image.stem}_mask.png")) > 0
+    truth = np.array(Image.open(bundle_copy / truth_path)) > 0
+    dice = 2 * (mask & truth).sum() / max(1, mask.sum() + truth.sum())
+    assert dice >= 0.7, f"Dice {dice:.3f} on the shipped sample"
+
+
+def test_infer_properties_of_the_config_as_given(bundle_copy):
+    script = ("from monai.bundle import ConfigWorkflow\n"
+              "w = ConfigWorkflow(config_file='configs/inference.json', workflow_type='infer',"
+              " meta_file='configs/metadata.json', logging_file='configs/logging.conf')\n"
+              "w.initialize(); print('missing', w.check_properties())\n")
+    result = subprocess.run([sys.executable, "-c", script], cwd=bundle_copy, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "missing []" in result.stdout, result.stdout
 
 
 # --------------------------------------------------------------------------------------------------- inference
