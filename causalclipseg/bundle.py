@@ -37,7 +37,13 @@ from torch import nn
 from .data.prompts import check_prompt_side
 from .data.transforms import LoadSegmentableImaged, get_slice_preprocessing
 from .engine.checkpoint import atomic_write
-from .engine.inference import GridNibabelWriter, SliceWiseInferer, inference_ready, model_tokens
+from .engine.inference import (
+    GridNibabelWriter,
+    SliceWiseInferer,
+    WarnUnverifiableSided,
+    inference_ready,
+    model_tokens,
+)
 from .engine.training import param_groups, reversal_coefficient
 from .factory import DEFAULT_MODEL, create_model
 from .io import inputs as io_inputs
@@ -51,7 +57,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["BundleNetwork", "DisplayOrientationd", "ExportNetwork", "LoadSegmentableImaged", "ReversalSchedule",
            "SaveMaskd", "SegmentationScoresHandler", "SliceWiseInferer", "StackedCausalSegLoss", "TrainingNetwork",
-           "list_inputs", "optimizer_param_groups", "resolve_prompt"]
+           "WarnUnverifiableSided", "list_inputs", "optimizer_param_groups", "resolve_prompt"]
 
 
 

@@ -108,3 +108,19 @@ def test_bundle_declares_the_patients_side_as_its_default():
     assert config["network_def"]["prompt_side"] == "@prompt_side"
     docs = (BUNDLE / "docs" / "README.md").read_text()
     assert "patient's" in docs and "prompt_side" in docs
+
+
+def test_bundle_warns_when_a_side_cannot_be_checked(tmp_path, qata_root):
+    png, _, clinician = _case(qata_root)
+    image = nib.Nifti1Image(np.array(Image.open(png)).T.astype(np.float32)[..., None], np.eye(4))
+    image.set_qform(None, code=0)
+    image.set_sform(None, code=0)
+    nib.save(image, tmp_path / "bare.nii")
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    result = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json",
+                             "--input", str(tmp_path / "bare.nii"), "--output_dir", str(tmp_path / "out"),
+                             "--progress", "False", "--prompt", clinician], cwd=BUNDLE, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert "does not record its orientation" in result.stdout
+    assert (tmp_path / "out" / "bare_mask.nii.gz").is_file()

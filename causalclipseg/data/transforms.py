@@ -71,7 +71,6 @@ from causalclipseg.tokenizer import PromptTokenizer
 __all__ = [
     "LATERAL_AXIS",
     "error_reason",
-    "file_suffix",
     "Binarize",
     "Binarized",
     "Grayscale2D",

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,8 +24,10 @@ import nibabel as nib
 import numpy as np
 import torch
 import torch.nn.functional as F
+from monai.config import KeysCollection
 from monai.data import MetaTensor, NibabelWriter
 from monai.inferers import Inferer
+from monai.transforms import MapTransform
 from PIL import Image
 from torch import nn
 from tqdm import tqdm
@@ -33,7 +35,7 @@ from tqdm import tqdm
 from ..data.prompts import check_prompt_side, names_a_side, to_model_side
 from ..data.transforms import LoadSegmentableImaged, get_slice_preprocessing
 from ..factory import DEFAULT_CHECKPOINT, DEFAULT_MODEL, create_model
-from ..io.inputs import IMAGE_SUFFIXES, PICTURE_SUFFIXES, file_suffix
+from ..io.inputs import PICTURE_SUFFIXES, file_suffix
 from ..io.orientation import GEOMETRY_KEY, DisplayOrientation
 from ..model.causalclipseg import CausalCLIPSeg
 from .checkpoint import atomic_write
@@ -41,9 +43,9 @@ from .training import resolve_device
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SliceSegmenter", "SliceWiseInferer", "GridNibabelWriter", "Prediction", "Predictor", "IMAGE_SUFFIXES",
-           "PICTURE_SUFFIXES", "inference_ready", "load_trained_model", "mask_like_nifti", "model_tokens",
-           "warn_if_side_unverifiable"]
+__all__ = ["SliceSegmenter", "SliceWiseInferer", "GridNibabelWriter", "Prediction", "Predictor",
+           "WarnUnverifiableSided",
+           "inference_ready", "load_trained_model", "mask_like_nifti", "model_tokens", "warn_if_side_unverifiable"]
 
 
 def _stem(path: Path) -> str:
@@ -97,6 +99,31 @@ def warn_if_side_unverifiable(image: torch.Tensor, prompt: str, source: object) 
         logger.warning("%s does not record its orientation (no DICOM Image Orientation or Patient Orientation, no "
                        "NIfTI qform/sform, no NRRD space): it is taken as stored, the patient's left on the image's "
                        "right; check that the mask is on the side the prompt names", source)
+
+
+class WarnUnverifiableSided(MapTransform):
+    """Pre-transform: :func:`warn_if_side_unverifiable` for each image key, with the request's prompt (``data``'s
+    ``prompt_key``, as MONAI Label passes it) or the one given here (the bundle's).
+
+    Args:
+        keys: image keys, as loaded (their ``meta`` says where the orientation comes from).
+        prompt: the prompt when the data holds none.
+        prompt_key: where the data holds its prompt.
+    """
+
+    def __init__(self, keys: KeysCollection = "image", prompt: str | None = None, prompt_key: str = "prompt",
+                 allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.prompt, self.prompt_key = prompt, prompt_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        prompt = d.get(self.prompt_key, self.prompt)
+        for key in self.key_iterator(d):
+            if isinstance(prompt, str):
+                image = d[key]
+                warn_if_side_unverifiable(image, prompt, getattr(image, "meta", {}).get("filename_or_obj", key))
+        return d
 
 
 class SliceSegmenter(nn.Module):
