@@ -15,6 +15,7 @@ from pathlib import Path
 
 from .data.prompts import PROMPT_SIDES
 from .factory import DEFAULT_MODEL, list_models
+from .model.causalclipseg import GAMES
 from .tokenizer import read_prompt
 
 __all__ = ["main", "predict_main", "train_main", "evaluate_main", "compare_main"]
@@ -95,6 +96,8 @@ _TRAIN_HELP = {
     "init_checkpoint": "CausalCLIPSeg weights to start from (fine-tuning); applied after --pretrained",
     "encoder_lr_scale": "encoder learning-rate factor; default 0.1 with --pretrained, else 1.0",
     "reversal_max": "final gradient-reversal coefficient of the min-max game",
+    "game": "how the min-max game is played: reversal (the trunk maximises the confounder head's bounded loss) or "
+            "uninformative (the trunk drives the head's prediction to 0.5; one more decoder pass per step)",
     "checkpoint_every": "save the resumable state every N iterations (and at each epoch end)",
     "max_train": "use only the first N training records (smoke runs)",
     "max_val": "use only the first N validation records",
@@ -126,6 +129,8 @@ def _add_dataclass_args(parser: argparse.ArgumentParser, cls: type, exclude: Seq
             kwargs["choices"] = list_models()
         if field.name == "prompt_side":
             kwargs["choices"] = PROMPT_SIDES
+        if field.name == "game":
+            kwargs["choices"] = GAMES
         parser.add_argument(flag, **kwargs)
 
 
@@ -153,11 +158,17 @@ def evaluate_main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="causalclipseg evaluate", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Dice and IoU at threshold 0.5 under both protocols: per-image mean (LViT / CausalCLIPSeg "
-                    "papers) and dataset-level (areas accumulated over the set), each with a bootstrap 95%% interval.")
+                    "papers) and dataset-level (areas accumulated over the set), each with a bootstrap 95% interval.")
     parser.add_argument("--data", required=True, help="dataset root or MONAI datalist JSON")
     parser.add_argument("--split", default="valid", help="train, valid or test")
     parser.add_argument("--prompt-transform", default="none", choices=["none", "swap", "empty"],
                         help="evaluate with the prompts unchanged, left/right swapped, or empty (text reliance)")
+    parser.add_argument("--mirror", action="store_true",
+                        help="mirror every image and mask left-right and swap the prompts' sides with them (mirror "
+                             "equivariance: a model that learned its flip augmentation scores as without it)")
+    parser.add_argument("--causal-stats", action="store_true",
+                        help="also measure the causal masks (mean, kept on lesion vs background) and the confounder "
+                             "head's Dice")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-images", type=int, default=None, help="score only the first N images")
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the intervals")
@@ -169,24 +180,29 @@ def evaluate_main(argv: Sequence[str] | None = None) -> int:
 
     from .data.readers import read_dataset
     from .data.transforms import get_val_transforms
-    from .engine.evaluation import evaluate_model
+    from .engine.evaluation import causal_statistics, evaluate_model
     from .engine.inference import load_trained_model
     try:
         model = load_trained_model(args.model, args.checkpoint, device=args.device)
         records = read_dataset(args.data, args.split, prompt_side=model.prompt_side)[: args.max_images]
         transforms = get_val_transforms(model.config.image_size, model.tokenizer.context_length,
-                                        args.prompt_transform)
+                                        args.prompt_transform, mirror=args.mirror)
         loader = DataLoader(Dataset(records, transforms), batch_size=args.batch_size)
-        scores = evaluate_model(model, loader, next(model.parameters()).device, progress=True)
+        device = next(model.parameters()).device
+        scores = evaluate_model(model, loader, device, progress=True)
         summary = scores.summary(n_resamples=args.bootstrap)
+        causal = causal_statistics(model, loader, device, progress=True) if args.causal_stats else None
     except USER_ERRORS as err:
         return _fail(str(err))
-    print(f"{args.split} ({args.prompt_transform} prompts): {summary}")
+    print(f"{args.split} ({args.prompt_transform} prompts{', mirrored' if args.mirror else ''}): {summary}")
+    if causal is not None:
+        print("causal masks: " + ", ".join(f"{k} {v:.4f}" for k, v in causal.to_dict().items()))
     if args.csv:
         scores.to_csv(args.csv)
     if args.json:
         Path(args.json).write_text(json.dumps({"split": args.split, "prompt_transform": args.prompt_transform,
-                                               "model": args.model, **summary.to_dict()}, indent=2))
+                                               "mirror": args.mirror, "model": args.model, **summary.to_dict(),
+                                               **(causal.to_dict() if causal else {})}, indent=2))
     return 0
 
 

@@ -13,14 +13,21 @@ learns to read the confounding parts before the trunk starts hiding the lesion f
 An unbounded maximisation diverges: the trunk could push the confounder logits to any magnitude of
 the wrong sign. Here the confounder logits are squashed to ``bound * tanh(z / bound)`` before the loss,
 so each pixel's BCE is at most ``softplus(bound)`` and the Dice term at most 1: the most the trunk can
-gain is finite, and its gradient vanishes as the head's prediction saturates.
+gain is finite, and its gradient vanishes as the head's prediction saturates. A confidently inverted
+confounder prediction then earns the trunk as much as an uninformative one, which is not what the paper's
+game asks for; the ``uninformative`` game (``CausalCLIPSeg.forward_aux(game="uninformative")``) is the
+alternative: the head still minimises ``L_conf`` (on confounding parts cut from the trunk), while the trunk
+minimises ``BCE(sigmoid(z_trunk), 0.5) - log 2`` on the head's prediction through the head held constant: its
+best is a prediction of 0.5 everywhere, bounded below by 0, whatever the head does.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from monai.losses import DiceCELoss
 from torch import nn
 
@@ -41,10 +48,11 @@ class LossTerms:
     total: torch.Tensor  # what to call backward() on
     segmentation: torch.Tensor  # Dice + BCE of the causal prediction
     confounder: torch.Tensor  # bounded Dice + BCE of the confounder prediction (0 without the module)
+    uninformative: torch.Tensor  # the trunk's term of the uninformative game (0 in the reversal game)
 
 
 class CausalSegLoss(nn.Module):
-    """``L = L_seg(causal) + confounder_weight * L_conf(bounded confounder)``.
+    """``L = L_seg(causal) + confounder_weight * (L_conf(bounded confounder) + L_uninformative)``.
 
     Args:
         lambda_dice: weight of Dice in both terms.
@@ -68,10 +76,12 @@ class CausalSegLoss(nn.Module):
     def forward(self, output: CausalCLIPSegOutput, label: torch.Tensor) -> LossTerms:
         """output: from ``forward_aux``; label: (B, 1, H, W) in {0, 1} -> :class:`LossTerms`."""
         seg = self.seg(output.logits, label)
-        if output.confounder_logits is None:
-            conf = torch.zeros((), device=seg.device)
-        else:
+        conf = uninformative = torch.zeros((), device=seg.device)
+        if output.confounder_logits is not None:
             bounded = self.logit_bound * torch.tanh(output.confounder_logits / self.logit_bound)
             conf = self.seg(bounded, label)
-        return LossTerms(total=seg + self.confounder_weight * conf, segmentation=seg.detach(),
-                         confounder=conf.detach())
+        if output.trunk_confounder_logits is not None:
+            z = output.trunk_confounder_logits
+            uninformative = F.binary_cross_entropy_with_logits(z, torch.full_like(z, 0.5)) - math.log(2.0)
+        return LossTerms(total=seg + self.confounder_weight * (conf + uninformative), segmentation=seg.detach(),
+                         confounder=conf.detach(), uninformative=uninformative.detach())

@@ -70,13 +70,21 @@ def test_compare_trains_every_arm_per_seed_and_tabulates(tmp_path, capsys):
     data = write_datalist(tmp_path, n=6)
     out = tmp_path / "comparison"
     args = ["compare", "--data", str(data), "--output-dir", str(out), "--epochs", "1", "--batch-size", "2",
-            "--warmup-iterations", "1", "--no-progress", "--device", "cpu", "--arms", "empty-prompt", "unet",
+            "--warmup-iterations", "1", "--no-progress", "--device", "cpu", "--arms", "uninformative", "unet",
             "--seeds", "0", "1"]
     assert cli.main(args) == 0
     table = capsys.readouterr().out
     result = json.loads((out / "comparison.json").read_text())
-    assert [(r["arm"], r["seed"]) for r in result["runs"]] == [("empty-prompt", 0), ("empty-prompt", 1),
+    assert [(r["arm"], r["seed"]) for r in result["runs"]] == [("uninformative", 0), ("uninformative", 1),
                                                                ("unet", 0), ("unet", 1)]
+    for run in result["runs"]:  # measured on each best model: the mirrored inputs, and the causal masks if any
+        assert 0.0 <= run["mirrored/per_image/dice"] <= 1.0
+        assert ("causal/mask_mean" in run) == (run["arm"] == "uninformative")
+    game = result["runs"][0]
+    assert 0.0 < game["causal/mask_mean"] < 1.0 and 0.0 <= game["causal/confounder_dice"] <= 1.0
+    assert game["causal/lesion_to_background"] == pytest.approx(game["causal/lesion_kept"] /
+                                                                game["causal/background_kept"])
+    assert json.loads((out / "uninformative_seed0" / "train_config.json").read_text())["game"] == "uninformative"
     for run in result["runs"]:
         train_config = json.loads((out / f"{run['arm']}_seed{run['seed']}" / "train_config.json").read_text())
         assert train_config["model"] == ARMS[run["arm"]].model and train_config["seed"] == run["seed"]
@@ -87,7 +95,7 @@ def test_compare_trains_every_arm_per_seed_and_tabulates(tmp_path, capsys):
     stats = result["summary"]["unet"]["per_image/dice"]
     assert stats["n"] == 2 and stats["mean"] == pytest.approx(np.mean(unet))
     assert stats["std"] == pytest.approx(np.std(unet, ddof=1))
-    assert ARMS["unet"].label in table and "+/-" in table
+    assert ARMS["unet"].label in table and "+/-" in table and "mirrored per-image Dice" in table
     assert (out / "comparison.md").read_text().strip() == table.strip()
     # run again: every arm is complete, so nothing retrains and the scores are the same
     assert cli.main(args) == 0

@@ -766,17 +766,23 @@ def get_train_transforms(image_size: int = 224, context_length: int = 32, augmen
     return Compose(transforms + _finish_transforms(keys, context_length, prompt_transform))
 
 
-def get_val_transforms(image_size: int = 224, context_length: int = 32, prompt_transform: str = "none") -> Compose:
-    """Evaluation transforms for records ``{"image", "label", "prompt"}``; fully deterministic (cacheable).
+def get_val_transforms(image_size: int = 224, context_length: int = 32, prompt_transform: str = "none",
+                       mirror: bool = False) -> Compose:
+    """Evaluation transforms for records ``{"image", "label", "prompt"}``; deterministic (the loading is cacheable).
 
     Args:
         image_size: side of the square model input.
         context_length: token slots of the text encoder.
         prompt_transform: ``none``, ``swap`` (left/right exchanged) or ``empty``, to measure reliance on the text;
             the output ``prompt`` is the transformed one.
+        mirror: mirror every image and mask left-right and swap the prompt's sides with them (what
+            :class:`RandLateralFlipd` does to half the training samples): a model that learned the flip scores
+            the same as without it (mirror equivariance).
 
     Raises:
         ValueError: if ``prompt_transform`` is not a registered name.
     """
     keys = ("image", "label")
-    return Compose(get_load_transforms(image_size, keys) + _finish_transforms(keys, context_length, prompt_transform))
+    flip = [RandLateralFlipd(keys, prompt_key="prompt", prob=1.0)] if mirror else []
+    return Compose(get_load_transforms(image_size, keys) + flip + _finish_transforms(keys, context_length,
+                                                                                      prompt_transform))

@@ -1,11 +1,16 @@
 """Side-by-side comparison on the same data and budget: CausalCLIPSeg, without the causal module, trained and
-validated without text, and a vision-only MONAI U-Net of similar cost (``causalclipseg compare``).
+validated without text, a vision-only MONAI U-Net of similar cost, and variants of the min-max game
+(``causalclipseg compare``).
 
 Every arm is one :func:`~causalclipseg.engine.training.train` run with the same data, epochs, batch size,
 learning rate, schedule, augmentation and seed; only the model or the prompt differs. Each run keeps its best
 epoch by validation per-image Dice, exactly as a normal training run does, and its validation summary (both
-protocols, bootstrap 95% intervals) is the arm's result. Runs live in ``<output_dir>/<arm>_seed<N>`` and resume,
-so an interrupted comparison continues where it stopped.
+protocols, bootstrap 95% intervals) is the arm's result, with two measurements of its best model on the same
+validation records (``<run>/extra_metrics.json``, computed once): the per-image Dice on mirrored images with the
+prompts' sides swapped (``mirrored/per_image/dice``: equal to the plain one for a model that learned its flip
+augmentation), and what the causal masks do (``causal/...``, :class:`~causalclipseg.engine.evaluation.
+CausalStatistics`). Runs live in ``<output_dir>/<arm>_seed<N>`` and resume, so an interrupted comparison continues
+where it stopped.
 """
 
 from __future__ import annotations
@@ -17,8 +22,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from monai.data import DataLoader, Dataset
 
-from .training import TrainConfig, train
+from ..data.readers import read_dataset
+from ..data.transforms import get_val_transforms
+from .evaluation import causal_statistics, evaluate_model
+from .inference import load_trained_model
+from .training import TrainConfig, resolve_device, train
 
 __all__ = ["ARMS", "Arm", "compare", "format_table"]
 
@@ -30,6 +40,7 @@ class Arm:
     label: str
     model: str
     prompt_transform: str = "none"
+    game: str = "reversal"
 
 
 #: The comparison's arms, by name.
@@ -38,15 +49,20 @@ ARMS: dict[str, Arm] = {
     "no-causal": Arm("without the causal module (tiny-nocausal)", "tiny-nocausal"),
     "empty-prompt": Arm("CausalCLIPSeg, trained and validated with empty prompts", "tiny", "empty"),
     "unet": Arm("MONAI U-Net, vision only (unet)", "unet"),
+    "uninformative": Arm("CausalCLIPSeg, uninformative-confounder game", "tiny", game="uninformative"),
+    "public-masks": Arm("CausalCLIPSeg, the public code's mask generators (tiny-public-masks)", "tiny-public-masks"),
 }
 
 _METRICS = ("per_image/dice", "per_image/iou", "dataset_level/dice", "dataset_level/iou")
+#: measured on each run's best model (``_extra_metrics``); the causal ones only for arms with the causal module
+_EXTRA = ("mirrored/per_image/dice", "causal/mask_mean", "causal/lesion_to_background", "causal/confounder_dice")
 
 
 def _run_arm(base: TrainConfig, name: str, seed: int) -> dict[str, Any]:
     arm = ARMS[name]
     out = Path(base.output_dir) / f"{name}_seed{seed}"
-    cfg = replace(base, output_dir=str(out), model=arm.model, prompt_transform=arm.prompt_transform, seed=seed)
+    cfg = replace(base, output_dir=str(out), model=arm.model, prompt_transform=arm.prompt_transform, seed=seed,
+                  game=arm.game)
     timing_file = out / "train_seconds.json"
     start = time.perf_counter()
     best = train(cfg)
@@ -55,7 +71,32 @@ def _run_arm(base: TrainConfig, name: str, seed: int) -> dict[str, Any]:
     seconds = previous + spent  # a resumed run adds to the time already spent
     timing_file.write_text(json.dumps({"seconds": seconds}))
     return {"arm": name, "seed": seed, "model": arm.model, "prompt_transform": arm.prompt_transform,
-            "train_seconds": round(seconds, 1), **best}
+            "game": arm.game, "train_seconds": round(seconds, 1), **best, **_extra_metrics(cfg, best["epoch"])}
+
+
+def _extra_metrics(cfg: TrainConfig, epoch: int) -> dict[str, float]:
+    """Mirrored-input per-image Dice and causal-mask statistics of a run's best model on its validation records,
+    cached in ``<run>/extra_metrics.json`` for that best epoch."""
+    out = Path(cfg.output_dir)
+    cache = out / "extra_metrics.json"
+    if cache.exists() and json.loads(cache.read_text()).get("epoch") == epoch:
+        return {k: v for k, v in json.loads(cache.read_text()).items() if k != "epoch"}
+    model = load_trained_model(cfg.model, out / "best_model.pt", device=cfg.device)
+    device = resolve_device(cfg.device)
+    records = read_dataset(cfg.data, cfg.val_split, prompt_side=model.prompt_side)[: cfg.max_val]
+    size, context = model.config.image_size, model.tokenizer.context_length
+
+    def loader(mirror: bool) -> DataLoader:
+        transforms = get_val_transforms(size, context, cfg.prompt_transform, mirror=mirror)
+        return DataLoader(Dataset(records, transforms), batch_size=cfg.batch_size, num_workers=cfg.num_workers)
+
+    mirrored = evaluate_model(model, loader(True), device).summary(n_resamples=0)
+    extra = {"mirrored/per_image/dice": mirrored.per_image.dice.value,
+             "mirrored/dataset_level/dice": mirrored.dataset_level.dice.value}
+    causal = causal_statistics(model, loader(False), device)
+    extra.update(causal.to_dict() if causal is not None else {})
+    cache.write_text(json.dumps({"epoch": epoch, **extra}, indent=2))
+    return extra
 
 
 def compare(base: TrainConfig, arms: list[str], seeds: list[int]) -> dict[str, Any]:
@@ -84,9 +125,10 @@ def compare(base: TrainConfig, arms: list[str], seeds: list[int]) -> dict[str, A
     summary = {}
     for arm in arms:
         mine = [r for r in runs if r["arm"] == arm]
+        measured = [m for m in (*_METRICS, *_EXTRA, "train_seconds") if all(m in r for r in mine)]
         summary[arm] = {m: {"mean": float(np.mean([r[m] for r in mine])),
                             "std": float(np.std([r[m] for r in mine], ddof=1)) if len(mine) > 1 else 0.0,
-                            "n": len(mine)} for m in (*_METRICS, "train_seconds")}
+                            "n": len(mine)} for m in measured}
     settings = {k: v for k, v in asdict(base).items() if k not in ("model", "prompt_transform", "seed")}
     result = {"settings": settings, "seeds": seeds, "runs": runs, "summary": summary}
     (out / "comparison.json").write_text(json.dumps(result, indent=2))
@@ -96,10 +138,13 @@ def compare(base: TrainConfig, arms: list[str], seeds: list[int]) -> dict[str, A
 
 def format_table(result: dict[str, Any]) -> str:
     """Markdown table: one row per arm; a single seed shows the value with its bootstrap 95% interval,
-    several seeds show mean +/- std over seeds."""
+    several seeds show mean +/- std over seeds; then the best models' mirrored Dice and causal-mask measurements
+    (- for arms without the causal module)."""
     several = len(result["seeds"]) > 1
-    header = ("| arm | per-image Dice | per-image IoU | dataset-level Dice | dataset-level IoU | best epoch "
-              "| train time |\n|---|---|---|---|---|---|---|")
+    header = ("| arm | per-image Dice | per-image IoU | dataset-level Dice | dataset-level IoU "
+              "| mirrored per-image Dice | mask mean | lesion/background kept | confounder Dice | best epoch "
+              "| train time |\n"
+              "|---|---|---|---|---|---|---|---|---|---|---|")
     rows = []
     for arm, stats in result["summary"].items():
         mine = [r for r in result["runs"] if r["arm"] == arm]
@@ -108,6 +153,11 @@ def format_table(result: dict[str, Any]) -> str:
         else:
             r = mine[0]
             cells = [f"{r[m]:.4f} [{r[m + '_low']:.4f}, {r[m + '_high']:.4f}]" for m in _METRICS]
+        for m in _EXTRA:
+            if m not in stats:
+                cells.append("-")
+            else:
+                cells.append(f"{stats[m]['mean']:.4f}" + (f" +/- {stats[m]['std']:.4f}" if several else ""))
         epochs = ", ".join(str(r["epoch"]) for r in mine)
         minutes = stats["train_seconds"]["mean"] / 60
         rows.append(f"| {ARMS[arm].label} | " + " | ".join(cells) + f" | {epochs} | {minutes:.1f} min |")

@@ -37,6 +37,7 @@ from ..data.readers import dataset_prompt_side, read_dataset
 from ..data.transforms import get_train_transforms, get_val_transforms
 from ..factory import create_model
 from ..losses import CausalSegLoss
+from ..model.causalclipseg import GAMES
 from .checkpoint import save_weights
 from .evaluation import evaluate_model
 
@@ -61,6 +62,7 @@ class TrainConfig:
     weight_decay: float = 1e-4
     warmup_iterations: int = 200  # linear warm-up, then cosine decay to 0
     reversal_max: float = 0.5  # final gradient-reversal coefficient of the min-max game
+    game: str = "reversal"  # how the min-max game is played: "reversal" or "uninformative" (model.causalclipseg.GAMES)
     confounder_weight: float = 1.0  # weight of the confounder loss term
     train_split: str = "train"
     val_split: str = "valid"
@@ -200,10 +202,11 @@ def _loaders(cfg: TrainConfig, context_length: int, image_size: int,
 class _TrainStep:
     """ignite process function: one min-max step."""
 
-    def __init__(self, model, loss_fn, optimizer, scheduler, scaler, device, amp, reversal_max, total_iterations):
+    def __init__(self, model, loss_fn, optimizer, scheduler, scaler, device, amp, reversal_max, total_iterations,
+                 game="reversal"):
         self.model, self.loss_fn, self.optimizer, self.scheduler = model, loss_fn, optimizer, scheduler
         self.scaler, self.device, self.amp = scaler, device, amp
-        self.reversal_max, self.total = reversal_max, total_iterations
+        self.reversal_max, self.total, self.game = reversal_max, total_iterations, game
 
     def __call__(self, engine: Engine, batch: dict[str, Any]) -> dict[str, float]:
         self.model.train()
@@ -211,7 +214,7 @@ class _TrainStep:
         text, label = batch["text"].to(self.device), batch["label"].to(self.device)
         reversal = reversal_coefficient(engine.state.iteration / self.total, self.reversal_max)
         with torch.autocast(self.device.type, enabled=self.amp):
-            output = self.model.forward_aux(image, text, reversal=reversal)
+            output = self.model.forward_aux(image, text, reversal=reversal, game=self.game)
             terms = self.loss_fn(output, label)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(terms.total).backward()
@@ -221,7 +224,8 @@ class _TrainStep:
         masks = output.masks
         mask_mean = float(torch.stack([m.detach().float().mean() for m in masks]).mean()) if masks else 1.0
         return {"loss": float(terms.total.detach()), "seg": float(terms.segmentation),
-                "conf": float(terms.confounder), "mask_mean": mask_mean, "reversal": reversal}
+                "conf": float(terms.confounder), "uninformative": float(terms.uninformative), "mask_mean": mask_mean,
+                "reversal": reversal}
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
@@ -268,8 +272,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     scaler = torch.amp.GradScaler(device.type, enabled=amp)
     loss_fn = CausalSegLoss(confounder_weight=cfg.confounder_weight)
+    if cfg.game not in GAMES:
+        raise ValueError(f"game must be one of {', '.join(GAMES)}, got {cfg.game!r}")
     trainer = DeterministicEngine(_TrainStep(model, loss_fn, optimizer, scheduler, scaler, device, amp,
-                                             cfg.reversal_max, total))
+                                             cfg.reversal_max, total, cfg.game))
     best = _Best()
     to_save = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler,
                "trainer": _TrainerState(trainer), "best": best}

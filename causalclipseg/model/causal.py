@@ -15,16 +15,32 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .layers import CoordConv
+from .layers import CoordConv, conv_norm_act
 
 __all__ = ["MaskGenerator", "CausalIntervention", "InterventionOutput"]
 
 
 class MaskGenerator(nn.Module):
-    """CoordConv, then a 1x1 conv and a sigmoid: a soft mask in (0, 1) with the input's shape."""
+    """A soft mask in (0, 1) with the input's shape: a body, an output convolution, a sigmoid.
 
-    def __init__(self, channels: int, hidden: int) -> None:
+    ``light``: CoordConv (3x3) to ``hidden`` channels, then a 1x1 conv (the tiny model's: about 0.17 M parameters
+    per level at 64 channels). ``public``: the public CausalCLIPSeg code's ``Masker``: CoordConv, 3x3 conv-norm-act,
+    CoordConv (each to ``hidden``), a 3x3 conv back to the input's channels and batch norm (about 9 M parameters per
+    level at 512 channels, its RN101 size).
+
+    Args:
+        channels: the feature's channels (the mask has as many).
+        hidden: channels inside.
+        design: ``light`` or ``public``.
+    """
+
+    def __init__(self, channels: int, hidden: int, design: str = "light") -> None:
         super().__init__()
+        if design == "public":
+            self.body = nn.Sequential(CoordConv(channels, hidden), conv_norm_act(hidden, hidden, 3),
+                                      CoordConv(hidden, hidden))
+            self.out = nn.Sequential(nn.Conv2d(hidden, channels, kernel_size=3, padding=1), nn.BatchNorm2d(channels))
+            return
         self.body = CoordConv(channels, hidden, kernel_size=3)
         self.out = nn.Conv2d(hidden, channels, kernel_size=1)
         nn.init.zeros_(self.out.bias)  # masks start near 0.5: no side is favoured before training
@@ -46,9 +62,9 @@ class InterventionOutput:
 class CausalIntervention(nn.Module):
     """One mask generator per level."""
 
-    def __init__(self, channels: Sequence[int], hidden: int) -> None:
+    def __init__(self, channels: Sequence[int], hidden: int, design: str = "light") -> None:
         super().__init__()
-        self.generators = nn.ModuleList(MaskGenerator(c, hidden) for c in channels)
+        self.generators = nn.ModuleList(MaskGenerator(c, hidden, design) for c in channels)
 
     def forward(self, levels: Sequence[torch.Tensor]) -> InterventionOutput:
         """levels: [(B, C_i, H_i, W_i)] -> :class:`InterventionOutput` with tensors of the same shapes."""

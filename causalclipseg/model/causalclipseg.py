@@ -10,6 +10,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call
 
 from ..data.prompts import check_prompt_side
 from ..tokenizer import PromptTokenizer
@@ -17,11 +18,17 @@ from .causal import CausalIntervention
 from .config import CausalCLIPSegConfig
 from .decoder import CrossModalDecoder, LevelNeck, TextPixelProjector
 from .encoders import TextEncoder, TextFeatures, build_image_encoder
-from .layers import grad_reverse
+from .layers import grad_reverse, grad_scale
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CausalCLIPSeg", "CausalCLIPSegOutput", "PromptSideRecord"]
+__all__ = ["GAMES", "CausalCLIPSeg", "CausalCLIPSegOutput", "PromptSideRecord"]
+
+#: How the min-max game between the confounder head and the trunk is played (:meth:`CausalCLIPSeg.forward_aux`):
+#: ``reversal``: the trunk maximises the head's (bounded) segmentation loss through gradient reversal;
+#: ``uninformative``: the trunk drives the head's prediction towards 0.5 (nothing left to find), the head still
+#: minimises its segmentation loss; the two objectives reach their players through separate paths.
+GAMES = ("reversal", "uninformative")
 
 _SIDE_KEY = "viewer_side_prompts"
 
@@ -64,6 +71,7 @@ class CausalCLIPSegOutput:
     logits: torch.Tensor  # (B, 1, H, W) causal prediction, the one :meth:`CausalCLIPSeg.forward` returns
     confounder_logits: torch.Tensor | None  # (B, 1, H, W) from the confounding parts; None without the module
     masks: list[torch.Tensor]  # causal masks per level, (B, dim, H/8), (B, dim, H/16), (B, dim, H/32); [] without
+    trunk_confounder_logits: torch.Tensor | None = None  # (B, 1, H, W), the ``uninformative`` game's trunk path
 
 
 class CausalCLIPSeg(PromptSideRecord, nn.Module):
@@ -98,7 +106,8 @@ class CausalCLIPSeg(PromptSideRecord, nn.Module):
         self.decoder = CrossModalDecoder(dim, text_dim, dec.sentence_gate, dec.num_layers, dec.num_heads,
                                          dec.ffn_dim, dec.dropout)
         self.projector = TextPixelProjector(dim, text_dim, proj.stride, proj.kernel_size)
-        self.intervention = CausalIntervention([dim] * 3, config.causal.hidden) if config.causal.enabled else None
+        self.intervention = (CausalIntervention([dim] * 3, config.causal.hidden, config.causal.generator)
+                             if config.causal.enabled else None)
         self.confounder_projector = (TextPixelProjector(dim, text_dim, proj.stride, proj.kernel_size)
                                      if config.causal.enabled else None)
         self._init_prompt_side()  # set by the trainer to its data's convention
@@ -159,25 +168,51 @@ class CausalCLIPSeg(PromptSideRecord, nn.Module):
             levels = self.intervention(levels).causal
         return self._predict(levels, txt, self.projector, image.shape[-2:])
 
-    def forward_aux(self, image: torch.Tensor, text: torch.Tensor, reversal: float = 1.0) -> CausalCLIPSegOutput:
+    def forward_aux(self, image: torch.Tensor, text: torch.Tensor, reversal: float = 1.0,
+                    game: str = "reversal") -> CausalCLIPSegOutput:
         """Segment and return the auxiliary outputs the loss and the explanation heatmaps need.
 
         Args:
             image, text: as in :meth:`forward`.
-            reversal: gradient-reversal coefficient between the confounding parts and the decoder (>= 0);
-                the training engine ramps it up from 0.
+            reversal: strength of the trunk's side of the min-max game (>= 0); the training engine ramps it up
+                from 0. ``reversal`` game: the gradient-reversal coefficient between the confounding parts and the
+                decoder. ``uninformative`` game: the gradient scale of the trunk path.
+            game: one of :data:`GAMES`. ``uninformative`` returns two confounder predictions: ``confounder_logits``
+                from the confounding parts cut from the trunk (the head learns to find the lesion there) and
+                ``trunk_confounder_logits`` through the head with its weights held constant (the trunk learns to
+                make it uninformative); one extra decoder pass in training.
 
         Returns:
             :class:`CausalCLIPSegOutput`.
+
+        Raises:
+            ValueError: for an unknown game.
         """
+        if game not in GAMES:
+            raise ValueError(f"game must be one of {', '.join(GAMES)}, got {game!r}")
         levels, txt = self._encode(image, text)
         size = image.shape[-2:]
         if self.intervention is None:
             return CausalCLIPSegOutput(self._predict(levels, txt, self.projector, size), None, [])
         split = self.intervention(levels)
-        confounding = [grad_reverse(x, reversal) for x in split.confounding]
-        return CausalCLIPSegOutput(
-            logits=self._predict(split.causal, txt, self.projector, size),
-            confounder_logits=self._predict(confounding, txt, self.confounder_projector, size),
-            masks=split.masks,
-        )
+        logits = self._predict(split.causal, txt, self.projector, size)
+        if game == "reversal":
+            confounding = [grad_reverse(x, reversal) for x in split.confounding]
+            return CausalCLIPSegOutput(logits, self._predict(confounding, txt, self.confounder_projector, size),
+                                       split.masks)
+        head = self._predict([x.detach() for x in split.confounding], txt, self.confounder_projector, size)
+        trunk = self._predict_with_constant_head([grad_scale(x, reversal) for x in split.confounding], txt, size)
+        return CausalCLIPSegOutput(logits, head, split.masks, trunk_confounder_logits=trunk)
+
+    def _predict_with_constant_head(self, levels: list[torch.Tensor], text: TextFeatures,
+                                    size: torch.Size) -> torch.Tensor:
+        """The confounder prediction with the decoder's and confounder projector's weights (and the text) held
+        constant: its gradient reaches only ``levels``, i.e. the trunk."""
+        def constant(module: nn.Module) -> dict[str, torch.Tensor]:
+            return {**{n: p.detach() for n, p in module.named_parameters()}, **dict(module.named_buffers())}
+
+        txt = TextFeatures(text.words.detach(), text.sentence.detach(), text.pad_mask)
+        fused = functional_call(self.decoder, constant(self.decoder), (levels, txt))
+        logits = functional_call(self.confounder_projector, constant(self.confounder_projector),
+                                 (fused, levels[0], txt.sentence))
+        return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)

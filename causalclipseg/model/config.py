@@ -53,12 +53,22 @@ class ProjectorConfig:
             raise ValueError(f"projector.kernel_size must be odd, got {self.kernel_size}")
 
 
+#: mask generator designs (:class:`causalclipseg.model.causal.MaskGenerator`)
+MASK_GENERATORS = ("light", "public")
+
+
 @dataclass
 class CausalConfig:
     """Causal intervention module: per-level soft masks split features into causal and confounding parts."""
 
     enabled: bool = True  # off: no masks, no confounder branch (the ablation)
     hidden: int = 64  # channels inside each mask generator
+    generator: str = "light"  # "light": CoordConv, 1x1 conv; "public": the public code's Masker (CoordConv, 3x3
+    # conv-norm-act, CoordConv, 3x3 conv, batch norm; its hidden width is the feature width there: 512 for RN101)
+
+    def __post_init__(self) -> None:
+        if self.generator not in MASK_GENERATORS:
+            raise ValueError(f"causal.generator must be one of {', '.join(MASK_GENERATORS)}, got {self.generator!r}")
 
 
 @dataclass

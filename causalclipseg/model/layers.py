@@ -8,7 +8,7 @@ import torch
 from monai.networks.blocks import Convolution
 from torch import nn
 
-__all__ = ["conv_norm_act", "CoordConv", "grad_reverse", "sine_position_encoding"]
+__all__ = ["conv_norm_act", "CoordConv", "grad_reverse", "grad_scale", "sine_position_encoding"]
 
 
 def conv_norm_act(in_channels: int, out_channels: int, kernel_size: int = 3) -> Convolution:
@@ -37,7 +37,7 @@ class CoordConv(nn.Module):
         return self.conv(torch.cat([x, _coordinates(x)], dim=1))
 
 
-class _GradientReversal(torch.autograd.Function):
+class _GradientScale(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, coeff: float) -> torch.Tensor:  # noqa: D102
         ctx.coeff = coeff
@@ -45,7 +45,7 @@ class _GradientReversal(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # noqa: D102
-        return -ctx.coeff * grad, None
+        return ctx.coeff * grad, None
 
 
 def grad_reverse(x: torch.Tensor, coeff: float) -> torch.Tensor:
@@ -56,7 +56,18 @@ def grad_reverse(x: torch.Tensor, coeff: float) -> torch.Tensor:
     """
     if coeff < 0:
         raise ValueError(f"gradient-reversal coeff must be >= 0, got {coeff}")
-    return _GradientReversal.apply(x, float(coeff))
+    return _GradientScale.apply(x, -float(coeff))
+
+
+def grad_scale(x: torch.Tensor, coeff: float) -> torch.Tensor:
+    """Identity forward; multiplies the gradient by ``coeff`` (>= 0) backward: a term's strength on what lies before.
+
+    Raises:
+        ValueError: if ``coeff`` is negative.
+    """
+    if coeff < 0:
+        raise ValueError(f"gradient scale coeff must be >= 0, got {coeff}")
+    return _GradientScale.apply(x, float(coeff))
 
 
 def sine_position_encoding(h: int, w: int, dim: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:

@@ -83,7 +83,7 @@ class TextFreeUNet(PromptSideRecord, nn.Module):
             raise ValueError(f"image must be a (B, 1|3, H, W) tensor, got {getattr(image, 'shape', type(image))}")
         return self.unet(image.as_subclass(torch.Tensor).expand(-1, 3, -1, -1))
 
-    def forward_aux(self, image: torch.Tensor, text: torch.Tensor | None = None,
-                    reversal: float = 1.0) -> CausalCLIPSegOutput:
+    def forward_aux(self, image: torch.Tensor, text: torch.Tensor | None = None, reversal: float = 1.0,
+                    game: str = "reversal") -> CausalCLIPSegOutput:
         """The prediction alone: no confounder branch, no masks."""
         return CausalCLIPSegOutput(self(image, text), None, [])
