@@ -69,13 +69,18 @@ def predict_main(argv: Sequence[str] | None = None) -> int:
     from .io.inputs import list_inputs
     try:
         text = read_prompt(args.prompt, args.prompt_file, "--prompt-file")
-        files = list_inputs(args.inputs)
         predictor = Predictor(args.model, args.checkpoint, device=args.device, threshold=args.threshold,
                               prompt_side=args.prompt_side)
         model_tokens(predictor.model, text, args.prompt_side)
     except USER_ERRORS as err:
         return _fail(str(err))
-    failures = 0
+    files, failures = [], 0
+    for item in args.inputs:  # an input that cannot be listed is one error line; the others still run
+        try:
+            files += list_inputs(item)
+        except USER_ERRORS as err:
+            failures += 1
+            _fail(str(err))
     # the bar only on a terminal: redirected, stderr holds nothing but the one-line errors
     for path in tqdm(files, desc="predict", disable=len(files) < 2 or not sys.stderr.isatty()):
         try:

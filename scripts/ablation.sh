@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${DATA:-../shared/data/qata_cov19}
 OUT=${OUT:-work_dirs/ablation}
-ARMS=${ARMS:-causalclipseg no-causal unet}
+ARMS=${ARMS:-causalclipseg no-causal unet uninformative public-masks}
 PY=${PY:-.venv/bin/python}
 mkdir -p "$OUT"
 for seed in "${@:-0 1}"; do

@@ -532,3 +532,15 @@ def test_bundle_refuses_a_nan_volume_with_a_clear_error(tmp_path, checkpoint):
         result.stdout[-3000:]
     assert _digest([path]) == before
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+
+
+def test_an_input_that_cannot_be_listed_is_one_error_line_and_the_others_run(tmp_path, checkpoint, capsys):
+    good = _picture(tmp_path / "a.png", _noise((30, 40)))
+    not_a_datalist = tmp_path / "notes.json"
+    not_a_datalist.write_text('{"author": "someone"}')
+    code, stdout, stderr = _predict([not_a_datalist, tmp_path / "missing.png", good], tmp_path / "out", checkpoint,
+                                    capsys)
+    assert code == 2
+    _assert_mask_on_grid(good, tmp_path / "out", stdout)
+    assert len(stderr) == 2 and all(line.startswith("error: ") for line in stderr), stderr
+    assert "datalist" in stderr[0] and "notes.json" in stderr[0] and "missing.png" in stderr[1]
