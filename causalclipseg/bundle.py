@@ -180,6 +180,7 @@ class BundleNetwork(nn.Module):
         if prompt is not None:
             model_tokens(self.model, prompt, self.prompt_side)  # refuse a bad prompt now, not at the first slice
         self.register_buffer("device_marker", torch.zeros(0), persistent=False)  # follows .to(device)
+        self._bound: tuple[tuple, torch.Tensor] | None = None  # the bound prompt's tokens, per convention and device
         self.register_state_dict_post_hook(_strip_model_prefix)
         self.register_load_state_dict_pre_hook(_add_model_prefix)
 
@@ -195,7 +196,10 @@ class BundleNetwork(nn.Module):
             if self.prompt is None:
                 raise ValueError("text is required: pass token ids (B, L) or a prompt, or build the network with "
                                  "a prompt")
-            text = self.prompt
+            key = (self.model.prompt_side, device)  # weights loaded after construction may change the convention
+            if self._bound is None or self._bound[0] != key:
+                self._bound = (key, model_tokens(self.model, self.prompt, self.prompt_side).to(device))
+            return self._bound[1]
         if isinstance(text, str):
             return model_tokens(self.model, text, self.prompt_side).to(device)
         tokens = torch.as_tensor(text, dtype=torch.int64, device=device)
