@@ -21,37 +21,34 @@ import logging
 import os
 import sys
 import warnings
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from ignite.engine import Engine, Events
-from monai.data import PILWriter
-from monai.transforms import MapTransform, SaveImage
 from monai.utils import ImageMetaKey
 from torch import nn
 
+from .data.pipelines import get_slice_preprocessing
 from .data.prompts import check_prompt_side
-from .data.transforms import LoadSegmentableImaged, get_slice_preprocessing
-from .engine.checkpoint import atomic_write
-from .engine.inference import (
-    GridNibabelWriter,
+from .evaluation.metrics import SegmentationScores
+from .factory import DEFAULT_MODEL, create_model
+from .inference.predictor import (
     SliceWiseInferer,
     WarnUnverifiableSided,
     inference_ready,
     model_tokens,
 )
-from .engine.training import param_groups, reversal_coefficient
-from .factory import DEFAULT_MODEL, create_model
 from .io import inputs as io_inputs
 from .io.orientation import DisplayOrientationd
-from .losses import CausalSegLoss
-from .metrics import SegmentationScores
+from .io.reader import LoadSegmentableImaged
+from .io.writers import SaveMaskd
 from .model.causalclipseg import CausalCLIPSegOutput
 from .tokenizer import read_prompt, validate_prompt
+from .training.losses import CausalSegLoss
+from .training.trainer import param_groups, reversal_coefficient
 
 logger = logging.getLogger(__name__)
 
@@ -147,7 +144,7 @@ def _add_model_prefix(module: nn.Module, state_dict: dict, prefix: str, *args: A
 class BundleNetwork(nn.Module):
     """The bundle's ``network_def``: raw slices and a text input in, logits on the slices' grid out.
 
-    Like :class:`~causalclipseg.engine.inference.SliceSegmenter` (each slice preprocessed as in training), with
+    Like :class:`~causalclipseg.inference.predictor.SliceSegmenter` (each slice preprocessed as in training), with
     the text as an optional second input, because MONAI's tools feed networks differently: inferers call
     ``network(x)`` (the bound ``prompt`` is used), ``verify_net_in_out`` passes ``extra_forward_args`` parsed from
     the command line (a list of token ids or a string), MONAI Label and scripts pass token tensors.
@@ -155,7 +152,7 @@ class BundleNetwork(nn.Module):
     Its state dict has CausalCLIPSeg's keys (no ``model.`` prefix), so ``models/model.pt`` is the package's weight
     file, usable by ``create_model(checkpoint=...)`` as well as by MONAI's ``CheckpointLoader``. Prompt strings are
     translated to the loaded weights' laterality convention when they are tokenised, after the weights are loaded
-    (:func:`~causalclipseg.engine.inference.model_tokens`); token ids are taken as they are.
+    (:func:`~causalclipseg.inference.predictor.model_tokens`); token ids are taken as they are.
 
     Args:
         model_name: a variant from :func:`causalclipseg.list_models` (random weights; load a checkpoint after).
@@ -264,54 +261,6 @@ class ExportNetwork(nn.Module):
         return self.traced(image, text)
 
 
-class _AtomicNiftiWriter(GridNibabelWriter):
-    """The NIfTI mask writer, writing through a temporary file renamed into place (never a half-written mask)."""
-
-    def write(self, filename: str | os.PathLike, verbose: bool = False, **kwargs: Any) -> None:
-        atomic_write(filename, lambda tmp: super(_AtomicNiftiWriter, self).write(tmp, verbose=verbose, **kwargs))
-
-
-class _AtomicPNGWriter(PILWriter):
-    """MONAI's PNG writer, writing through a temporary file renamed into place."""
-
-    def write(self, filename: str | os.PathLike, verbose: bool = False, **kwargs: Any) -> None:
-        atomic_write(filename, lambda tmp: super(_AtomicPNGWriter, self).write(tmp, verbose=verbose, **kwargs))
-
-
-class SaveMaskd(MapTransform):
-    """Write each mask on its input's grid, named ``<input stem>_mask``: NIfTI always, PNG (0/255) for 2-D inputs.
-
-    The mask carries the input's metadata (MONAI's ``affine`` and file name), and nothing was resampled, so the
-    NIfTI has the input's shape and affine (direction and spacing included); the PNG has the input picture's
-    rows and columns. Each file is written to a temporary name and renamed into place, so a failure never leaves
-    a half-written mask.
-
-    Args:
-        keys: the mask key, ``(1, X, Y[, Z])`` in {0, 1}.
-        output_dir: the folder, created if missing.
-        png_for_2d: also write a PNG for 2-D masks.
-    """
-
-    def __init__(self, keys: str | Sequence[str] = "pred", output_dir: str | os.PathLike = "eval",
-                 png_for_2d: bool = True, allow_missing_keys: bool = False) -> None:
-        super().__init__(keys, allow_missing_keys)
-        common = {"output_dir": str(output_dir), "output_postfix": "mask", "separate_folder": False,
-                  "print_log": False, "resample": False}
-        self.nifti = SaveImage(output_ext=".nii.gz", output_dtype=np.uint8, writer=_AtomicNiftiWriter, **common)
-        self.png = (SaveImage(output_ext=".png", output_dtype=np.uint8, scale=255, writer=_AtomicPNGWriter, **common)
-                    if png_for_2d else None)
-
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        d = dict(data)
-        for key in self.key_iterator(d):
-            mask = d[key]
-            self.nifti(mask.to(torch.uint8))
-            if self.png is not None and mask.ndim == 3:
-                self.png(mask.float())
-            logger.info("wrote the mask of %s", mask.meta.get(ImageMetaKey.FILENAME_OR_OBJ))
-        return d
-
-
 # ---------------------------------------------------------------------------------------------------- training
 class TrainingNetwork(nn.Module):
     """What the trainer (and DistributedDataParallel) calls: the min-max forward of a :class:`BundleNetwork`'s model.
@@ -340,9 +289,9 @@ class TrainingNetwork(nn.Module):
 
 
 class StackedCausalSegLoss(nn.Module):
-    """:class:`~causalclipseg.losses.CausalSegLoss` on :class:`TrainingNetwork`'s stacked output; returns the total.
+    """:class:`~causalclipseg.training.losses.CausalSegLoss` on :class:`TrainingNetwork`'s stacked output (the total).
 
-    Args are those of :class:`~causalclipseg.losses.CausalSegLoss`.
+    Args are those of :class:`~causalclipseg.training.losses.CausalSegLoss`.
     """
 
     def __init__(self, lambda_dice: float = 0.5, lambda_bce: float = 0.5, confounder_weight: float = 1.0,

@@ -65,7 +65,7 @@ def predict_main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from tqdm import tqdm
 
-    from .engine.inference import Predictor, model_tokens
+    from .inference.predictor import Predictor, model_tokens
     from .io.inputs import list_inputs
     try:
         text = read_prompt(args.prompt, args.prompt_file, "--prompt-file")
@@ -141,7 +141,7 @@ def _add_dataclass_args(parser: argparse.ArgumentParser, cls: type, exclude: Seq
 
 def train_main(argv: Sequence[str] | None = None) -> int:
     """Train (or resume) a model on a dataset."""
-    from .engine.training import TrainConfig, train
+    from .training.trainer import TrainConfig, train
     parser = argparse.ArgumentParser(
         prog="causalclipseg train", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Train CausalCLIPSeg with the adversarial min-max step; validates every --val-every epochs, "
@@ -183,10 +183,10 @@ def evaluate_main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from monai.data import DataLoader, Dataset
 
-    from .data.readers import read_dataset
-    from .data.transforms import get_val_transforms
-    from .engine.evaluation import causal_statistics, evaluate_model
-    from .engine.inference import load_trained_model
+    from .data.datasets import read_dataset
+    from .data.pipelines import get_val_transforms
+    from .evaluation.evaluate import causal_statistics, evaluate_model
+    from .inference.predictor import load_trained_model
     try:
         model = load_trained_model(args.model, args.checkpoint, device=args.device)
         records = read_dataset(args.data, args.split, prompt_side=model.prompt_side)[: args.max_images]
@@ -213,8 +213,8 @@ def evaluate_main(argv: Sequence[str] | None = None) -> int:
 
 def compare_main(argv: Sequence[str] | None = None) -> int:
     """Train every comparison arm with the same data and budget and tabulate their validation scores."""
-    from .engine.compare import ARMS, compare, format_table
-    from .engine.training import TrainConfig
+    from .experiments.compare import ARMS, compare, format_table
+    from .training.trainer import TrainConfig
     parser = argparse.ArgumentParser(
         prog="causalclipseg compare", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Side by side, same data and budget: " + "; ".join(f"{k}: {a.label}" for k, a in ARMS.items())
@@ -235,7 +235,7 @@ def compare_main(argv: Sequence[str] | None = None) -> int:
 
 
 def _benchmark_main(argv: Sequence[str] | None = None) -> int:
-    from .benchmark import main as benchmark_main
+    from .experiments.benchmark import main as benchmark_main
     try:
         return benchmark_main(argv)
     except USER_ERRORS as err:

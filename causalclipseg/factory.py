@@ -12,20 +12,22 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import open_clip
 import torch
 from safetensors.torch import load_file
 
 from .model.causalclipseg import CausalCLIPSeg
-from .model.config import CausalCLIPSegConfig
-from .model.unet import TextFreeUNet, UNetBaselineConfig
+from .model.config import CausalCLIPSegConfig, UNetBaselineConfig
+
+if TYPE_CHECKING:  # the U-Net baseline is an experiment tool: imported only when a config asks for it
+    from .experiments.unet import TextFreeUNet
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["create_model", "list_models", "add_model_config", "get_model_config", "load_state_dict",
-           "checkpoint_prompt_side",
+           "checkpoint_prompt_side", "resolve_device",
            "DEFAULT_MODEL", "DEFAULT_CHECKPOINT"]
 
 _CONFIG_DIR = Path(__file__).parent / "model_configs"
@@ -174,6 +176,8 @@ def create_model(name: str = DEFAULT_MODEL, pretrained: str | None = None,
     """
     config = get_model_config(name)
     if isinstance(config, UNetBaselineConfig):
+        from .experiments.unet import TextFreeUNet
+
         if pretrained is not None:
             raise ValueError(f"model {name!r} is the vision-only U-Net baseline: it has no CLIP encoders, so "
                              f"pretrained={pretrained!r} cannot apply")
@@ -183,6 +187,23 @@ def create_model(name: str = DEFAULT_MODEL, pretrained: str | None = None,
     if checkpoint is not None:
         _load_checkpoint(model, checkpoint, name)
     return model.eval()
+
+
+def resolve_device(device: str) -> torch.device:
+    """``"auto"`` -> CUDA when present, else CPU; anything else is parsed by ``torch.device``.
+
+    Raises:
+        ValueError: for an unparsable name or a CUDA device on a machine without one.
+    """
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as err:
+        raise ValueError(f"device {device!r} is not a valid torch device ({err})") from err
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available here; use 'cpu' or 'auto'")
+    return dev
 
 
 add_model_config(_CONFIG_DIR)

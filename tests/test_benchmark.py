@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from causalclipseg import benchmark, cli
+from causalclipseg import cli
+from causalclipseg.experiments import benchmark
 
 
 def test_linear_fit_recovers_a_line():

@@ -25,7 +25,7 @@ from PIL import Image
 
 from causalclipseg import create_model
 from causalclipseg.bundle import BundleNetwork, list_inputs, resolve_prompt
-from causalclipseg.engine.checkpoint import save_weights
+from causalclipseg.training.checkpoint import save_weights
 
 from .conftest import save_dicom
 

@@ -15,8 +15,8 @@ import torch
 from PIL import Image
 
 from causalclipseg import cli, create_model
-from causalclipseg.engine.checkpoint import save_weights
 from causalclipseg.factory import DEFAULT_CHECKPOINT, load_state_dict
+from causalclipseg.training.checkpoint import save_weights
 
 from .conftest import write_datalist
 

@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from causalclipseg import cli, create_model
-from causalclipseg.data.transforms import get_train_transforms
-from causalclipseg.engine.checkpoint import save_weights
-from causalclipseg.engine.compare import ARMS
-from causalclipseg.engine.training import param_groups
-from causalclipseg.model.unet import TextFreeUNet
+from causalclipseg.data.pipelines import get_train_transforms
+from causalclipseg.experiments.compare import ARMS
+from causalclipseg.experiments.unet import TextFreeUNet
 from causalclipseg.tokenizer import PromptTokenizer
+from causalclipseg.training.checkpoint import save_weights
+from causalclipseg.training.trainer import param_groups
 
 from .conftest import PROMPT, register_config, write_datalist
 

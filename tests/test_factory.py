@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from causalclipseg import create_model
-from causalclipseg.engine.checkpoint import save_weights
 from causalclipseg.factory import _CONFIG_DIR, load_state_dict
+from causalclipseg.training.checkpoint import save_weights
 
 from .conftest import PROMPT
 

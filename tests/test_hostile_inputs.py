@@ -32,9 +32,10 @@ import torch
 from PIL import Image
 
 from causalclipseg import cli, create_model
-from causalclipseg.data.transforms import MAX_INPUT_VOXELS, LoadSegmentableImaged
-from causalclipseg.engine.checkpoint import save_weights
-from causalclipseg.engine.inference import Predictor
+from causalclipseg.inference.predictor import Predictor
+from causalclipseg.io.formats import MAX_INPUT_VOXELS
+from causalclipseg.io.reader import LoadSegmentableImaged
+from causalclipseg.training.checkpoint import save_weights
 
 from .conftest import pydicom_test_files, save_dicom
 

@@ -22,8 +22,8 @@ from PIL import Image
 
 from causalclipseg import cli, create_model
 from causalclipseg.bundle import resolve_prompt
-from causalclipseg.engine.checkpoint import save_weights
 from causalclipseg.tokenizer import PromptTokenizer, validate_prompt
+from causalclipseg.training.checkpoint import save_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 ARABIC = "عدوى رئوية ثنائية، منطقتان مصابتان، الرئة اليسرى السفلى والرئة اليمنى السفلى"

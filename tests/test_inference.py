@@ -7,7 +7,7 @@ import torch
 from monai.data import MetaTensor
 from monai.inferers import SliceInferer
 
-from causalclipseg.engine.inference import SliceWiseInferer
+from causalclipseg.inference.predictor import SliceWiseInferer
 
 
 class _Recording(torch.nn.Module):

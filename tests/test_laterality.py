@@ -15,12 +15,12 @@ import torch
 from PIL import Image
 
 from causalclipseg import cli, create_model
+from causalclipseg.data.datasets import dataset_prompt_side, index_dataset, read_dataset
 from causalclipseg.data.prompts import PROMPT_SIDES, check_prompt_side, names_a_side, to_model_side
-from causalclipseg.data.readers import dataset_prompt_side, index_dataset, read_dataset
-from causalclipseg.engine.checkpoint import save_weights
-from causalclipseg.engine.inference import Predictor, model_tokens
-from causalclipseg.engine.training import TrainConfig, train
 from causalclipseg.factory import DEFAULT_CHECKPOINT, checkpoint_prompt_side, load_state_dict
+from causalclipseg.inference.predictor import Predictor, model_tokens
+from causalclipseg.training.checkpoint import save_weights
+from causalclipseg.training.trainer import TrainConfig, train
 
 from .conftest import write_datalist
 
@@ -115,7 +115,7 @@ def test_training_records_the_convention_and_reads_captions_in_it(tmp_path, aske
         seen.extend(r["prompt"] for r in records)
         return records
 
-    monkeypatch.setattr("causalclipseg.engine.training.read_dataset", spy)
+    monkeypatch.setattr("causalclipseg.training.trainer.read_dataset", spy)
     cfg = TrainConfig(data=str(datalist), output_dir=str(tmp_path / "run"), epochs=1, batch_size=2,
                       warmup_iterations=1, progress=False, device="cpu", prompt_side=asked)
     train(cfg)

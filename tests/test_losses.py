@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from causalclipseg.engine.training import reversal_coefficient
-from causalclipseg.losses import CausalSegLoss
 from causalclipseg.model.causalclipseg import CausalCLIPSegOutput
+from causalclipseg.training.losses import CausalSegLoss
+from causalclipseg.training.trainer import reversal_coefficient
 
 
 def _output(logits, confounder=None):

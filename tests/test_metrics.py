@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from causalclipseg.metrics import PROTOCOLS, SegmentationScores, dataset_level_scores
+from causalclipseg.evaluation.metrics import PROTOCOLS, SegmentationScores, dataset_level_scores
 
 
 def _mask(*pixels: tuple[int, int], size: int = 4) -> torch.Tensor:

@@ -10,11 +10,11 @@ import torch
 from monai.data import DataLoader, Dataset
 
 from causalclipseg import create_model
-from causalclipseg.data.readers import read_dataset
-from causalclipseg.data.transforms import get_val_transforms
-from causalclipseg.engine.evaluation import causal_statistics, evaluate_model
-from causalclipseg.losses import CausalSegLoss
+from causalclipseg.data.datasets import read_dataset
+from causalclipseg.data.pipelines import get_val_transforms
+from causalclipseg.evaluation.evaluate import causal_statistics, evaluate_model
 from causalclipseg.model.causal import MaskGenerator
+from causalclipseg.training.losses import CausalSegLoss
 
 from .conftest import register_config, write_datalist
 

@@ -38,7 +38,7 @@ from PIL import Image  # noqa: E402
 from causalclipseg import create_model  # noqa: E402
 from causalclipseg.bundle import BundleNetwork, LoadSegmentableImaged, SliceWiseInferer  # noqa: E402
 from causalclipseg.data.prompts import swap_laterality  # noqa: E402
-from causalclipseg.engine.checkpoint import save_weights  # noqa: E402
+from causalclipseg.training.checkpoint import save_weights  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 APP = REPO / "monailabel_app"

@@ -15,8 +15,7 @@ import torch
 from monai.data import MetaTensor
 from PIL import Image
 
-from causalclipseg.data.transforms import LoadSegmentableImaged
-from causalclipseg.engine.inference import Predictor
+from causalclipseg.inference.predictor import Predictor
 from causalclipseg.io.orientation import (
     GEOMETRY_KEY,
     DisplayOrientation,
@@ -25,6 +24,7 @@ from causalclipseg.io.orientation import (
     patient_orientation_affine,
     slice_axis,
 )
+from causalclipseg.io.reader import LoadSegmentableImaged
 
 from .conftest import write_windowed_dx
 

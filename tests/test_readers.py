@@ -11,7 +11,7 @@ import pytest
 from openpyxl import Workbook
 from PIL import Image
 
-from causalclipseg.data.readers import (
+from causalclipseg.data.datasets import (
     DatasetIndex,
     detect_layout,
     index_dataset,
@@ -216,7 +216,7 @@ def test_detect_layout_errors(tmp_path):
 def test_real_qata_cov19():
     if not (QATA / "prompts/annotation.json").is_file():
         pytest.skip(f"QaTa-COV19 not found at {QATA}")
-    from causalclipseg.data.transforms import get_train_transforms, get_val_transforms
+    from causalclipseg.data.pipelines import get_train_transforms, get_val_transforms
 
     train, valid = read_dataset(QATA, "train"), read_dataset(QATA, "valid")
     assert (len(train), len(valid)) == (5716, 1429)

@@ -14,18 +14,15 @@ from monai.transforms import Compose, RandomizableTrait, SaveImage
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from PIL import Image
 
-from causalclipseg.data.prompts import PROMPT_TRANSFORMS, get_prompt_transform, swap_laterality
-from causalclipseg.data.transforms import (
-    Grayscale2D,
-    LoadSegmentableImaged,
-    RandLateralFlipd,
-    TokenizeText,
-    TokenizeTextd,
+from causalclipseg.data.pipelines import (
     get_load_transforms,
     get_slice_preprocessing,
     get_train_transforms,
     get_val_transforms,
 )
+from causalclipseg.data.prompts import PROMPT_TRANSFORMS, get_prompt_transform, swap_laterality
+from causalclipseg.data.transforms import Grayscale2D, RandLateralFlipd, TokenizeText, TokenizeTextd
+from causalclipseg.io.reader import LoadSegmentableImaged
 
 from .conftest import save_dicom
 

@@ -7,7 +7,7 @@ right (measured on the train split: 503 of 517 unilateral "left" masks lie on th
 reaches the model in display orientation (:mod:`causalclipseg.io.orientation`), so the two conventions differ by
 exactly one swap of the words. Every prompt therefore comes with its convention (:data:`PROMPT_SIDES`): the front
 doors (CLI, ``Predictor``, bundle, MONAI Label, Slicer) take the patient's side by default; each dataset layout
-declares its captions' convention (:mod:`causalclipseg.data.readers`); each model records the convention it was
+declares its captions' convention (:mod:`causalclipseg.data.datasets`); each model records the convention it was
 trained with (``model.prompt_side``); and :func:`to_model_side` translates.
 
 A horizontal flip of the image moves each lung to the other side of the picture, so the words "left" and "right"

@@ -1,7 +1,7 @@
 """``causalclipseg verify-data``: check a dataset before hours of training, and list every problem.
 
 Checks, per split: every annotation row is usable and every data file is used (the readers'
-:class:`~causalclipseg.data.readers.Problem` list), image and mask files decode, image and mask sizes agree,
+:class:`~causalclipseg.data.datasets.Problem` list), image and mask files decode, image and mask sizes agree,
 images are 2-D, masks are binary (at most two values, one of them 0), prompts are non-empty and fit the text
 encoder's context length (longer prompts would be truncated), and no image appears twice (within a split or
 across splits: a leak between training and validation).
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from causalclipseg.data.readers import Problem, index_dataset, normalize_split
+from causalclipseg.data.datasets import Problem, index_dataset, normalize_split
 from causalclipseg.tokenizer import PromptTokenizer
 
 __all__ = ["VerificationReport", "main", "verify_dataset"]

@@ -3,7 +3,7 @@
 One function, :func:`list_inputs`, used by every front door:
 
 - an image file (PNG/JPEG/BMP/TIFF, DICOM, NIfTI, NRRD) is one input, whatever its name (its content is checked
-  when it is read: :class:`causalclipseg.data.transforms.LoadSegmentableImaged`);
+  when it is read: :class:`causalclipseg.io.reader.LoadSegmentableImaged`);
 - a folder holding one DICOM series (2+ ``.dcm`` files sharing one SeriesInstanceUID, nothing else to segment) is
   one volume;
 - any other folder: each image file directly inside it is one input (a DICOM file of a series mixed with other

@@ -4,7 +4,7 @@ A small generator per level predicts a soft mask ``m`` with the feature's shape.
 ``f * m`` feeds the main prediction; the confounding part ``f * (1 - m)``, the complement of what the
 mask keeps ("self-annotated" confounders), feeds a confounder prediction. The adversarial game that
 makes the split meaningful is wired in :class:`~causalclipseg.model.causalclipseg.CausalCLIPSeg`
-(gradient reversal) and scored in :mod:`causalclipseg.losses`.
+(gradient reversal) and scored in :mod:`causalclipseg.training.losses`.
 """
 
 from __future__ import annotations

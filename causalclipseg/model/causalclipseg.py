@@ -84,7 +84,7 @@ class CausalCLIPSeg(PromptSideRecord, nn.Module):
     behind a gradient-reversal layer: the decoder and the confounder projector learn to find the lesion
     in the confounding parts, while the encoders, neck and mask generators receive the reversed gradient
     and learn to leave nothing there to find (the min-max game; the bounded objective is in
-    :class:`causalclipseg.losses.CausalSegLoss`). At inference only the causal prediction is computed.
+    :class:`causalclipseg.training.losses.CausalSegLoss`). At inference only the causal prediction is computed.
 
     Build it with :func:`causalclipseg.create_model`, which also loads weights. :attr:`prompt_side` tells whose
     left the model's "left" is (:func:`causalclipseg.data.prompts.to_model_side` translates prompts to it).

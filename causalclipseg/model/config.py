@@ -1,11 +1,13 @@
-"""Typed model configuration: one JSON file in ``model_configs/`` parses into :class:`CausalCLIPSegConfig`."""
+"""Typed model configuration: one JSON file in ``model_configs/`` parses into :class:`CausalCLIPSegConfig` (or,
+with a ``unet`` section, into :class:`UNetBaselineConfig`, the vision-only baseline of the experiments)."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-__all__ = ["ClipConfig", "DecoderConfig", "ProjectorConfig", "CausalConfig", "CausalCLIPSegConfig"]
+__all__ = ["ClipConfig", "DecoderConfig", "ProjectorConfig", "CausalConfig", "CausalCLIPSegConfig",
+           "UNetBaselineConfig"]
 
 
 @dataclass
@@ -115,3 +117,44 @@ def _check_keys(where: str, data: dict[str, Any], allowed: set[str]) -> None:
     unknown = sorted(set(data) - allowed)
     if unknown:
         raise ValueError(f"unknown key(s) {unknown} in {where}; allowed: {sorted(allowed)}")
+
+
+@dataclass
+class UNetBaselineConfig:
+    """MONAI ``UNet`` arguments (2-D, 3 input channels as CLIP gets, 1 output logit channel)."""
+
+    channels: tuple[int, ...] = (24, 48, 96, 192, 384)
+    strides: tuple[int, ...] = (2, 2, 2, 2)
+    num_res_units: int = 1
+    dropout: float = 0.0
+    image_size: int = 224  # training and default inference size
+    context_length: int = 32  # prompts are tokenised like CausalCLIPSeg's (and ignored)
+
+    def __post_init__(self) -> None:
+        self.channels, self.strides = tuple(self.channels), tuple(self.strides)
+        if len(self.strides) != len(self.channels) - 1:
+            raise ValueError(f"unet needs one stride per level below the first: {len(self.channels)} channels "
+                             f"need {len(self.channels) - 1} strides, got {len(self.strides)}")
+        if self.image_size % 32:
+            raise ValueError(f"image_size must be divisible by 32, got {self.image_size}")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> UNetBaselineConfig:
+        """Build from ``{"unet": {...}, "image_size": ..., "context_length": ...}``, rejecting unknown keys.
+
+        Raises:
+            ValueError: on an unknown key.
+        """
+        allowed_top = {"unet", "image_size", "context_length"}
+        allowed_unet = {f.name for f in fields(cls)} - {"image_size", "context_length"}
+        for where, section, allowed in (("model config", data, allowed_top), ("unet", data["unet"], allowed_unet)):
+            unknown = sorted(set(section) - allowed)
+            if unknown:
+                raise ValueError(f"unknown key(s) {unknown} in {where}; allowed: {sorted(allowed)}")
+        return cls(**data["unet"], **{k: data[k] for k in ("image_size", "context_length") if k in data})
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict that :meth:`from_dict` reads back."""
+        data = asdict(self)
+        return {"unet": {k: v for k, v in data.items() if k not in ("image_size", "context_length")},
+                "image_size": data["image_size"], "context_length": data["context_length"]}

@@ -10,7 +10,7 @@ that and changes what a per-request prompt needs:
   one DICOM series); the bundle's ``preprocessing`` (``LoadSegmentableImaged``, ``DisplayOrientationd``) then reads
   it and brings it to display orientation; an empty prompt or an unreadable image is a
   :class:`~lib.common.BadRequestError` (HTTP 400);
-- the bundle's ``inferer`` (:class:`~causalclipseg.engine.inference.SliceWiseInferer`: 2-D in one call, volumes
+- the bundle's ``inferer`` (:class:`~causalclipseg.inference.predictor.SliceWiseInferer`: 2-D in one call, volumes
   slice by slice) runs the network with the request's tokens bound by ``functools.partial`` (MONAI's slice inferer
   drops extra forward arguments): the prompt translated to the served weights' laterality convention; the network
   is shared between requests, so no per-request state is stored in it;
@@ -46,11 +46,11 @@ from monailabel.tasks.infer.bundle import BundleInferTask
 from monailabel.utils.others.generic import device_map, name_to_device, strtobool
 from PIL import Image
 
-from causalclipseg.bundle import SaveMaskd
 from causalclipseg.data.prompts import check_prompt_side
-from causalclipseg.engine.inference import mask_like_nifti, model_tokens
 from causalclipseg.factory import load_state_dict
+from causalclipseg.inference.predictor import model_tokens
 from causalclipseg.io.inputs import PICTURE_SUFFIXES, file_suffix, list_inputs
+from causalclipseg.io.writers import SaveMaskd, mask_like_nifti
 from causalclipseg.tokenizer import validate_prompt
 
 from .common import BadRequestError, describe_source

@@ -3,7 +3,7 @@
 Each run reads the images with a ``final`` label from the datastore, writes a MONAI datalist JSON of 2-D image and
 label pairs as the model sees them (read as inference reads them, DICOM as a viewer shows it, in display
 orientation; volumes as their slices), and runs the package's training engine
-(:func:`causalclipseg.engine.training.train`, the adversarial min-max step, validation, atomic checkpoints) starting
+(:func:`causalclipseg.training.trainer.train`, the adversarial min-max step, validation, atomic checkpoints) starting
 from the weights the infer task serves. The best validated weights are then published atomically to
 ``<model_dir>/causalclipseg_finetuned.pt``, which the infer task serves from its next request on.
 
@@ -33,10 +33,11 @@ from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
 from monailabel.interfaces.tasks.train import TrainTask
 
 from causalclipseg.data.prompts import check_prompt_side, to_model_side
-from causalclipseg.data.transforms import LoadSegmentableImaged, error_reason
-from causalclipseg.engine.checkpoint import atomic_write
-from causalclipseg.engine.training import TrainConfig, train
+from causalclipseg.io.formats import error_reason
 from causalclipseg.io.orientation import GEOMETRY_KEY, DisplayOrientation
+from causalclipseg.io.reader import LoadSegmentableImaged
+from causalclipseg.io.writers import atomic_write
+from causalclipseg.training.trainer import TrainConfig, train
 
 from .common import BadRequestError
 

@@ -11,7 +11,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from ..metrics import SegmentationScores
+from .metrics import SegmentationScores
 
 __all__ = ["CausalStatistics", "causal_statistics", "evaluate_model"]
 
@@ -29,7 +29,7 @@ def evaluate_model(model: nn.Module, loader: DataLoader, device: torch.device,
     """Score ``model`` (``forward(image, text) -> logits``) on batches with ``image``, ``text`` and ``label``.
 
     Returns:
-        a filled :class:`~causalclipseg.metrics.SegmentationScores` (per-image rows named by file).
+        a filled :class:`~causalclipseg.evaluation.metrics.SegmentationScores` (per-image rows named by file).
     """
     model.eval()
     scores = SegmentationScores()

@@ -2,13 +2,13 @@
 validated without text, a vision-only MONAI U-Net of similar cost, and variants of the min-max game
 (``causalclipseg compare``).
 
-Every arm is one :func:`~causalclipseg.engine.training.train` run with the same data, epochs, batch size,
+Every arm is one :func:`~causalclipseg.training.trainer.train` run with the same data, epochs, batch size,
 learning rate, schedule, augmentation and seed; only the model or the prompt differs. Each run keeps its best
 epoch by validation per-image Dice, exactly as a normal training run does, and its validation summary (both
 protocols, bootstrap 95% intervals) is the arm's result, with two measurements of its best model on the same
 validation records (``<run>/extra_metrics.json``, computed once): the per-image Dice on mirrored images with the
 prompts' sides swapped (``mirrored/per_image/dice``: equal to the plain one for a model that learned its flip
-augmentation), and what the causal masks do (``causal/...``, :class:`~causalclipseg.engine.evaluation.
+augmentation), and what the causal masks do (``causal/...``, :class:`~causalclipseg.evaluation.evaluate.
 CausalStatistics`). Runs live in ``<output_dir>/<arm>_seed<N>`` and resume, so an interrupted comparison continues
 where it stopped.
 """
@@ -24,11 +24,12 @@ from typing import Any
 import numpy as np
 from monai.data import DataLoader, Dataset
 
-from ..data.readers import read_dataset
-from ..data.transforms import get_val_transforms
-from .evaluation import causal_statistics, evaluate_model
-from .inference import load_trained_model
-from .training import TrainConfig, resolve_device, train
+from ..data.datasets import read_dataset
+from ..data.pipelines import get_val_transforms
+from ..evaluation.evaluate import causal_statistics, evaluate_model
+from ..factory import resolve_device
+from ..inference.predictor import load_trained_model
+from ..training.trainer import TrainConfig, train
 
 __all__ = ["ARMS", "Arm", "compare", "format_table"]
 

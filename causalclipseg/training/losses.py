@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from monai.losses import DiceCELoss
 from torch import nn
 
-from .model.causalclipseg import CausalCLIPSegOutput
+from ..model.causalclipseg import CausalCLIPSegOutput
 
 __all__ = ["CausalSegLoss", "LossTerms", "segmentation_loss"]
 

@@ -25,27 +25,27 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.config import KeysCollection
-from monai.data import MetaTensor, NibabelWriter
+from monai.data import MetaTensor
 from monai.inferers import Inferer
 from monai.transforms import MapTransform
 from PIL import Image
 from torch import nn
 from tqdm import tqdm
 
+from ..data.pipelines import get_slice_preprocessing
 from ..data.prompts import check_prompt_side, names_a_side, to_model_side
-from ..data.transforms import LoadSegmentableImaged, get_slice_preprocessing
-from ..factory import DEFAULT_CHECKPOINT, DEFAULT_MODEL, create_model
+from ..factory import DEFAULT_CHECKPOINT, DEFAULT_MODEL, create_model, resolve_device
 from ..io.inputs import PICTURE_SUFFIXES, file_suffix
 from ..io.orientation import GEOMETRY_KEY, DisplayOrientation
+from ..io.reader import LoadSegmentableImaged
+from ..io.writers import GridNibabelWriter, atomic_write, mask_like_nifti, overlay
 from ..model.causalclipseg import CausalCLIPSeg
-from .checkpoint import atomic_write
-from .training import resolve_device
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SliceSegmenter", "SliceWiseInferer", "GridNibabelWriter", "Prediction", "Predictor",
+__all__ = ["SliceSegmenter", "SliceWiseInferer", "Prediction", "Predictor",
            "WarnUnverifiableSided",
-           "inference_ready", "load_trained_model", "mask_like_nifti", "model_tokens", "warn_if_side_unverifiable"]
+           "inference_ready", "load_trained_model", "model_tokens", "warn_if_side_unverifiable"]
 
 
 def _stem(path: Path) -> str:
@@ -131,7 +131,7 @@ class SliceSegmenter(nn.Module):
 
     MONAI inferers call ``network(x)`` with one argument (``SliceInferer`` drops extra ones), so the prompt's
     tokens are bound here (:func:`model_tokens`). Each slice is preprocessed by
-    :func:`~causalclipseg.data.transforms.get_slice_preprocessing`, as in training.
+    :func:`~causalclipseg.data.pipelines.get_slice_preprocessing`, as in training.
 
     Args:
         model: a CausalCLIPSeg.
@@ -203,25 +203,6 @@ class SliceWiseInferer(Inferer):
                 out = torch.empty((b, logits.shape[1], x, y, z), dtype=torch.float32, device=logits.device)
             out[..., start:start + n] = logits.reshape(b, n, -1, x, y).permute(0, 2, 3, 4, 1)
         return out
-
-
-class GridNibabelWriter(NibabelWriter):
-    """MONAI's NIfTI writer that, with ``resample=False``, writes the data with the input's 4x4 affine as they are.
-
-    MONAI's ``NibabelWriter`` runs an identity resampling even then, through a 2-D affine for 2-D data: it fails
-    for a slice whose plane is not axial (sagittal or coronal DICOM) and for 2-D data given as a bare array. Used
-    by :meth:`Predictor.write` and by the bundle's ``SaveMaskd`` (as ``SaveImage``'s writer).
-    """
-
-    def set_metadata(self, meta_dict: dict | None, resample: bool = True, **options: Any) -> None:
-        """Keep the affine of ``meta_dict``; resample only when asked to (as MONAI's writer does)."""
-        if resample:
-            super().set_metadata(meta_dict, resample=True, **options)
-            return
-        _, affine, _ = self.get_meta_info(meta_dict)
-        if self.output_dtype is None and self.data_obj is not None and hasattr(self.data_obj, "dtype"):
-            self.output_dtype = self.data_obj.dtype
-        self.affine = affine
 
 
 @dataclass
@@ -330,8 +311,8 @@ class Predictor:
                 writer.set_metadata(prediction.meta, resample=False)
                 atomic_write(mask_path, lambda tmp: writer.write(tmp, verbose=False))
             if len(targets) == 2:
-                overlay = _overlay(prediction.image.T, prediction.mask.T)
-                atomic_write(targets[1], lambda tmp: overlay.save(tmp, format="PNG"))
+                blended = overlay(prediction.image.T, prediction.mask.T)
+                atomic_write(targets[1], lambda tmp: blended.save(tmp, format="PNG"))
         except (PermissionError, FileExistsError):
             raise
         except Exception as err:  # noqa: BLE001 - writers raise many types; atomic_write left no partial file
@@ -342,20 +323,3 @@ class Predictor:
 def _one_line(err: BaseException) -> str:
     """An exception's message on one line (library messages may span several, e.g. printing a matrix)."""
     return " ".join(str(err).split()) or type(err).__name__
-
-
-def mask_like_nifti(source: str | os.PathLike, mask: np.ndarray) -> nib.Nifti1Image:
-    """A uint8 mask image with the NIfTI ``source``'s own header and affine (its scaling reset to 1, 0)."""
-    original = nib.load(str(source))
-    image = type(original)(mask.reshape(original.shape).astype(np.uint8), original.affine, original.header)
-    image.set_data_dtype(np.uint8)
-    image.header.set_slope_inter(1.0, 0.0)
-    return image
-
-
-def _overlay(gray: np.ndarray, mask: np.ndarray, alpha: float = 0.45) -> Image.Image:
-    """Gray image (rows, cols) in [0, 1] with the mask blended in red."""
-    rgb = np.repeat(gray[..., None], 3, axis=-1)
-    red = np.array([1.0, 0.1, 0.1])
-    rgb[mask > 0] = (1 - alpha) * rgb[mask > 0] + alpha * red
-    return Image.fromarray((rgb * 255).round().astype(np.uint8))

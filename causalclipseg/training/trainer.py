@@ -1,7 +1,7 @@
 """Training engine: the min-max step on ignite, validation, atomic checkpoints and exact resume.
 
 One training step (``_TrainStep``): ``model.forward_aux`` with the gradient-reversal coefficient of the
-current iteration, :class:`~causalclipseg.losses.CausalSegLoss`, one backward pass, one optimiser and
+current iteration, :class:`~causalclipseg.training.losses.CausalSegLoss`, one backward pass, one optimiser and
 scheduler step (AMP on CUDA). The coefficient follows the DANN ramp ``r_max * (2 / (1 + exp(-10 p)) - 1)``
 over training progress ``p``, so the confounder head learns before the trunk starts to fight it.
 
@@ -32,18 +32,18 @@ from monai.data import CacheDataset, DataLoader
 from torch.utils.data.distributed import DistributedSampler
 from torch.utils.tensorboard import SummaryWriter
 
+from ..data.datasets import dataset_prompt_side, read_dataset
+from ..data.pipelines import get_train_transforms, get_val_transforms
 from ..data.prompts import check_prompt_side
-from ..data.readers import dataset_prompt_side, read_dataset
-from ..data.transforms import get_train_transforms, get_val_transforms
-from ..factory import create_model
-from ..losses import CausalSegLoss
+from ..evaluation.evaluate import evaluate_model
+from ..factory import create_model, resolve_device
 from ..model.causalclipseg import GAMES
 from .checkpoint import save_weights
-from .evaluation import evaluate_model
+from .losses import CausalSegLoss
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TrainConfig", "train", "resolve_device", "reversal_coefficient", "param_groups"]
+__all__ = ["TrainConfig", "train", "reversal_coefficient", "param_groups"]
 
 
 @dataclass
@@ -81,23 +81,6 @@ class TrainConfig:
     device: str = "auto"  # "auto" (CUDA when present), "cpu", "cuda", "cuda:1" ...
     amp: bool = True  # mixed precision on CUDA (ignored on the CPU)
     progress: bool = True
-
-
-def resolve_device(device: str) -> torch.device:
-    """``"auto"`` -> CUDA when present, else CPU; anything else is parsed by ``torch.device``.
-
-    Raises:
-        ValueError: for an unparsable name or a CUDA device on a machine without one.
-    """
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError as err:
-        raise ValueError(f"device {device!r} is not a valid torch device ({err})") from err
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available here; use 'cpu' or 'auto'")
-    return dev
 
 
 def reversal_coefficient(progress: float, maximum: float) -> float:

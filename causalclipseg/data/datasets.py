@@ -1,7 +1,7 @@
 """Dataset readers: the three published layouts of text-annotated segmentation data, read into one record format.
 
 Every reader returns a :class:`DatasetIndex`: the usable records, each ``{"image": abs path, "label": abs path,
-"prompt": str}`` (the input of :func:`causalclipseg.data.transforms.get_train_transforms` and its siblings), plus a
+"prompt": str}`` (the input of :func:`causalclipseg.data.pipelines.get_train_transforms` and its siblings), plus a
 :class:`Problem` for every row that could not be used and every data file that no row uses. Nothing is dropped
 silently: :func:`read_dataset` raises on problems unless ``strict=False``, and ``causalclipseg verify-data``
 (:mod:`causalclipseg.data.verify`) prints them all.

@@ -6,7 +6,7 @@ One run measures, side by side on this machine:
    latency, peak resident memory, parameters, GFLOPs (``torch.utils.flop_counter``, multiply-add = 2 FLOPs),
    and where the batch-1 time goes (encoders, neck + decoder, causal module, projector, the rest), with the
    vision-only MONAI U-Net baseline (``unet``) and each config's latency and GFLOPs as a ratio to it.
-2. **Volumes** 512 x 512 x N through :class:`~causalclipseg.engine.inference.Predictor` (reading a NIfTI file,
+2. **Volumes** 512 x 512 x N through :class:`~causalclipseg.inference.predictor.Predictor` (reading a NIfTI file,
    slice-wise inference in batches, thresholding): seconds and peak memory per N, the least-squares line
    ``seconds = a + b N``, and the peak memory beyond the input and output arrays (flat when slices stream).
 3. **Training** images/s and peak memory per config (one min-max step: ``forward_aux``, loss, backward, AdamW),
@@ -77,8 +77,8 @@ def inference_benchmark(name: str, image_size: int, batch_sizes: Sequence[int], 
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from .engine.inference import inference_ready
-    from .factory import create_model
+    from ..factory import create_model
+    from ..inference.predictor import inference_ready
     _setup(threads)
     model = inference_ready(create_model(name))  # as predict, the bundle and the MONAI Label app run it
     text = model.tokenize(PROMPT)
@@ -141,7 +141,7 @@ def volume_benchmark(slices: int, size: int, batch_size: int, threads: int) -> d
     """Segment a ``size x size x slices`` NIfTI volume with the shipped default model (run in a child process)."""
     import nibabel as nib
 
-    from .engine.inference import Predictor
+    from ..inference.predictor import Predictor
     _setup(threads)
     predictor = Predictor(batch_size=batch_size, device="cpu")
     with tempfile.TemporaryDirectory() as tmp:
@@ -170,9 +170,9 @@ def training_benchmark(name: str, image_size: int, batch_size: int, steps: int, 
     """Images/s of the min-max training step (AMP on CUDA), run in a child process."""
     import torch
 
-    from .engine.training import param_groups, resolve_device
-    from .factory import create_model
-    from .losses import CausalSegLoss
+    from ..factory import create_model, resolve_device
+    from ..training.losses import CausalSegLoss
+    from ..training.trainer import param_groups
     _setup(threads)
     dev = resolve_device(device)
     amp = dev.type == "cuda"
@@ -207,8 +207,8 @@ def profile_forward(name: str, image_size: int, threads: int, row_limit: int = 1
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from .engine.inference import inference_ready
-    from .factory import create_model
+    from ..factory import create_model
+    from ..inference.predictor import inference_ready
     _setup(threads)
     model = inference_ready(create_model(name))
     text = model.tokenize(PROMPT)
@@ -329,7 +329,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     Raises:
         ValueError: for unusable sizes.
     """
-    from .factory import list_models
+    from ..factory import list_models
     parser = argparse.ArgumentParser(prog="causalclipseg benchmark", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     models = list_models()

@@ -1,0 +1,166 @@
+"""The pipelines of training, evaluation and inference, built from MONAI's transforms and the package's.
+
+Output contract of :func:`get_train_transforms` and :func:`get_val_transforms` (per sample, before collation):
+
+- ``image``: float32 ``(3, S, S)``, grayscale scaled to [0, 1] per image (min-max), repeated to 3 channels,
+  normalised with open_clip's ``OPENAI_DATASET_MEAN``/``STD``;
+- ``label``: float32 ``(1, S, S)``, values in {0, 1} (mask > 0);
+- ``text``: int64 ``(context_length,)`` CLIP token ids;
+- ``prompt``: the prompt string the tokens encode (after laterality swap or prompt transform).
+
+Inference reads a file with :class:`~causalclipseg.io.reader.LoadSegmentableImaged` and preprocesses each slice
+with :func:`get_slice_preprocessing` (the same steps and settings as the tail of these pipelines).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from monai.transforms import (
+    Compose,
+    EnsureChannelFirstd,
+    EnsureTyped,
+    LoadImaged,
+    NormalizeIntensity,
+    NormalizeIntensityd,
+    RandAdjustContrastd,
+    RandAffined,
+    RandScaleIntensityd,
+    RandShiftIntensityd,
+    RepeatChannel,
+    RepeatChanneld,
+    Resize,
+    Resized,
+    ScaleIntensity,
+    ScaleIntensityd,
+    Transform,
+)
+from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+
+from .prompts import get_prompt_transform
+from .transforms import Binarized, Grayscale2Dd, PromptTransformd, RandLateralFlipd, TokenizeTextd, check_size
+
+__all__ = ["get_load_transforms", "get_slice_preprocessing", "get_train_transforms", "get_val_transforms"]
+
+
+def get_load_transforms(image_size: int = 224, keys: Sequence[str] = ("image", "label")) -> list[Transform]:
+    """The deterministic loading prefix: read, channel first, grayscale, [0, 1], resize to ``S x S``, binarise mask.
+
+    Output: ``image`` float32 ``(1, S, S)`` in [0, 1]; ``label`` (if in ``keys``) float32 ``(1, S, S)`` in {0, 1}.
+    These transforms are deterministic, so ``monai.data.CacheDataset`` caches their result.
+
+    Args:
+        image_size: side ``S`` of the square model input.
+        keys: ``("image", "label")`` for training and evaluation, ``("image",)`` for inference.
+    """
+    check_size("image_size", image_size, 1)
+    keys = tuple(keys)
+    if "image" not in keys or not set(keys) <= {"image", "label"}:
+        raise ValueError(f"keys must be ('image',) or ('image', 'label'), got {keys}")
+    modes = tuple("bilinear" if k == "image" else "nearest" for k in keys)
+    transforms: list[Transform] = [
+        LoadImaged(keys, image_only=True),
+        EnsureChannelFirstd(keys),
+        Grayscale2Dd(keys, reduction=["mean" if k == "image" else "max" for k in keys]),
+        ScaleIntensityd("image", minv=0.0, maxv=1.0),
+        Resized(keys, spatial_size=(image_size, image_size), mode=modes,
+                anti_aliasing=[k == "image" for k in keys]),
+    ]
+    if "label" in keys:
+        transforms.append(Binarized("label"))
+    return transforms
+
+
+def _finish_transforms(keys: Sequence[str], context_length: int, prompt_transform: str = "none") -> list[Transform]:
+    """The deterministic tail: the prompt transform, 3 channels, CLIP normalisation, tokens, dtypes.
+
+    Raises:
+        ValueError: if ``prompt_transform`` is not a registered name.
+    """
+    get_prompt_transform(prompt_transform)
+    return [
+        PromptTransformd("prompt", prompt_transform),
+        RepeatChanneld("image", repeats=3),
+        NormalizeIntensityd("image", subtrahend=OPENAI_DATASET_MEAN, divisor=OPENAI_DATASET_STD, channel_wise=True),
+        TokenizeTextd("prompt", output_key="text", context_length=context_length,
+                      allow_empty=prompt_transform == "empty"),
+        EnsureTyped(tuple(keys), dtype=torch.float32),
+    ]
+
+
+def get_slice_preprocessing(image_size: int = 224) -> Compose:
+    """Array transforms taking one raw grayscale slice ``(1, X, Y)`` to the model input ``(3, S, S)``.
+
+    The same steps, with the same settings, as the dictionary pipeline (:func:`get_load_transforms` after
+    reading, then the tail of the training and evaluation transforms): min-max to [0, 1], anti-aliased
+    bilinear resize to ``S x S``, 3 channels, CLIP normalisation. The slice-wise inference network
+    (:class:`causalclipseg.inference.predictor.SliceSegmenter`) applies it to every slice of a volume.
+    """
+    check_size("image_size", image_size, 1)
+    return Compose([
+        ScaleIntensity(minv=0.0, maxv=1.0),
+        Resize(spatial_size=(image_size, image_size), mode="bilinear", anti_aliasing=True),
+        RepeatChannel(repeats=3),
+        NormalizeIntensity(subtrahend=OPENAI_DATASET_MEAN, divisor=OPENAI_DATASET_STD, channel_wise=True),
+    ])
+
+
+def get_train_transforms(image_size: int = 224, context_length: int = 32, augment: bool = True,
+                         prompt_transform: str = "none") -> Compose:
+    """Training transforms for records ``{"image", "label", "prompt"}`` (see the module docstring for the output).
+
+    Order: the deterministic loading prefix (:func:`get_load_transforms`, cached by ``CacheDataset``), then the
+    random part, cheap enough for CPU training: :class:`RandLateralFlipd` (p 0.5, swaps the prompt's sides), a small
+    ``RandAffined`` on image and mask together (p 0.5, rotation within +/-10 degrees, scale 0.9-1.1 per axis,
+    bilinear / nearest), and mild intensity jitter on the [0, 1] image (scale +/-10 %, shift +/-0.05, gamma
+    0.85-1.15, p 0.5 / 0.5 / 0.3); then the deterministic tail (3 channels, CLIP normalisation, tokens).
+
+    Args:
+        image_size: side of the square model input.
+        context_length: token slots of the text encoder.
+        augment: include the random part; without it the result equals :func:`get_val_transforms`.
+        prompt_transform: ``none``, or ``empty`` to train without text (the ablation); ``swap`` would teach the
+            wrong side and is refused.
+
+    Raises:
+        ValueError: for ``swap`` or an unregistered name.
+    """
+    if prompt_transform == "swap":
+        raise ValueError("prompt_transform 'swap' would train on prompts naming the wrong side; use 'none' or 'empty'")
+    keys = ("image", "label")
+    transforms = get_load_transforms(image_size, keys)
+    if augment:
+        # --- random part starts here: everything above is deterministic and cacheable ---
+        transforms += [
+            RandLateralFlipd(keys, prompt_key="prompt", prob=0.5),
+            RandAffined(keys, prob=0.5, rotate_range=np.deg2rad(10.0), scale_range=(0.1, 0.1),
+                        mode=("bilinear", "nearest"), padding_mode="zeros"),
+            RandScaleIntensityd("image", factors=0.1, prob=0.5),
+            RandShiftIntensityd("image", offsets=0.05, prob=0.5),
+            RandAdjustContrastd("image", gamma=(0.85, 1.15), prob=0.3),
+        ]
+    return Compose(transforms + _finish_transforms(keys, context_length, prompt_transform))
+
+
+def get_val_transforms(image_size: int = 224, context_length: int = 32, prompt_transform: str = "none",
+                       mirror: bool = False) -> Compose:
+    """Evaluation transforms for records ``{"image", "label", "prompt"}``; deterministic (the loading is cacheable).
+
+    Args:
+        image_size: side of the square model input.
+        context_length: token slots of the text encoder.
+        prompt_transform: ``none``, ``swap`` (left/right exchanged) or ``empty``, to measure reliance on the text;
+            the output ``prompt`` is the transformed one.
+        mirror: mirror every image and mask left-right and swap the prompt's sides with them (what
+            :class:`RandLateralFlipd` does to half the training samples): a model that learned the flip scores
+            the same as without it (mirror equivariance).
+
+    Raises:
+        ValueError: if ``prompt_transform`` is not a registered name.
+    """
+    keys = ("image", "label")
+    flip = [RandLateralFlipd(keys, prompt_key="prompt", prob=1.0)] if mirror else []
+    return Compose(get_load_transforms(image_size, keys) + flip + _finish_transforms(keys, context_length,
+                                                                                      prompt_transform))
