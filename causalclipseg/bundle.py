@@ -1,60 +1,37 @@
-"""The Python the MONAI bundle (``bundle/``) needs; its configs stay thin and point here.
+"""The Python the MONAI bundle (``bundle/``) needs beyond the package's transforms, inferer and writer.
 
-The walk of ``bundle/configs/inference.json``: :func:`list_inputs` (a file, a folder, a DICOM series or a
-datalist) -> :class:`LoadSegmentableImaged` (2-D ``(1, X, Y)`` or a volume ``(1, X, Y, Z)``, no
-resampling) -> :class:`DisplayOrientationd` (the patient's left on the image's right) -> :class:`SliceWiseInferer`
-(volumes streamed in batches of slices) -> :class:`BundleNetwork` (per-slice preprocessing, ``CausalCLIPSeg.forward``
-with the prompt's tokens, logits back on the slice grid) -> ``Invertd`` (back to the input's grid) -> sigmoid,
-threshold -> :class:`SaveMaskd` (NIfTI on the input's grid, PNG too for 2-D).
+``bundle/configs/inference.json`` declares the package's one inference path (:mod:`causalclipseg.inference.
+predictor`) in MONAI's vocabulary: :func:`list_inputs` -> ``preprocessing`` (``LoadSegmentableImaged``,
+``WarnUnverifiableSided``, ``DisplayOrientationd``, ``ModelTokensd``) -> ``SliceWiseInferer`` with the model as the
+network and the prompt's token ids as its second input -> ``postprocessing`` (``Invertd``, ``Activationsd``,
+``AsDiscreted``) -> ``writer`` (``SaveMaskd``). :class:`ExportNetwork` is the TorchScript export.
 
 The prompt comes from the config, the command line (:func:`resolve_prompt` undoes what python-fire does to
 ``"left, right"``) or a file; its "left" and "right" are the patient's sides unless ``prompt_side`` is ``viewer``.
-Training (``train.json``) reuses the package's transforms, loss and gradient-reversal schedule through
-:class:`TrainingNetwork`, :class:`StackedCausalSegLoss` and :class:`ReversalSchedule`; evaluation
-(``evaluate.json``) reports both metric protocols with :class:`SegmentationScoresHandler`.
+Training (``train.json``, and ``multi_gpu_train.json`` under torchrun) builds the package's one trainer,
+:class:`causalclipseg.training.trainer.Trainer`, from a ``TrainConfig``; evaluation (``evaluate.json``) scores a
+checkpoint under both metric protocols with the package's evaluation
+(:func:`causalclipseg.evaluation.evaluate.evaluate_checkpoint`).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
 import warnings
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from ignite.engine import Engine, Events
-from monai.utils import ImageMetaKey
 from torch import nn
 
-from .data.pipelines import get_slice_preprocessing
-from .data.prompts import check_prompt_side
-from .evaluation.metrics import SegmentationScores
-from .factory import DEFAULT_MODEL, create_model
-from .inference.predictor import (
-    SliceWiseInferer,
-    WarnUnverifiableSided,
-    inference_ready,
-    model_tokens,
-)
 from .io import inputs as io_inputs
-from .io.orientation import DisplayOrientationd
-from .io.reader import LoadSegmentableImaged
-from .io.writers import SaveMaskd
-from .model.causalclipseg import CausalCLIPSegOutput
 from .tokenizer import read_prompt, validate_prompt
-from .training.losses import CausalSegLoss
-from .training.trainer import param_groups, reversal_coefficient
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BundleNetwork", "DisplayOrientationd", "ExportNetwork", "LoadSegmentableImaged", "ReversalSchedule",
-           "SaveMaskd", "SegmentationScoresHandler", "SliceWiseInferer", "StackedCausalSegLoss", "TrainingNetwork",
-           "WarnUnverifiableSided", "list_inputs", "optimizer_param_groups", "resolve_prompt"]
+__all__ = ["ExportNetwork", "list_inputs", "resolve_prompt"]
 
 
 
@@ -123,104 +100,11 @@ def list_inputs(inputs: str | os.PathLike | Sequence[str | os.PathLike]) -> list
     return [{"image": str(path)} for path in io_inputs.list_inputs(inputs)]
 
 
-# ----------------------------------------------------------------------------------------------------- network
-def _strip_model_prefix(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
-    """state_dict post-hook: ``<prefix>model.<key>`` -> ``<prefix><key>`` (CausalCLIPSeg's own keys)."""
-    for key in [k for k in state_dict if k.startswith(prefix + "model.")]:
-        state_dict[prefix + key[len(prefix) + len("model."):]] = state_dict.pop(key)
-
-
+# ------------------------------------------------------------------------------------------------------ export
 def _add_prefix(state_dict: dict, prefix: str, name: str) -> None:
     """``<prefix><key>`` -> ``<prefix><name><key>`` for keys that lack ``name``, in place."""
     for key in [k for k in state_dict if k.startswith(prefix) and not k.startswith(prefix + name)]:
         state_dict[prefix + name + key[len(prefix):]] = state_dict.pop(key)
-
-
-def _add_model_prefix(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
-    """load_state_dict pre-hook: accept CausalCLIPSeg's own keys by adding ``model.``."""
-    _add_prefix(state_dict, prefix, "model.")
-
-
-class BundleNetwork(nn.Module):
-    """The bundle's ``network_def``: raw slices and a text input in, logits on the slices' grid out.
-
-    Like :class:`~causalclipseg.inference.predictor.SliceSegmenter` (each slice preprocessed as in training), with
-    the text as an optional second input, because MONAI's tools feed networks differently: inferers call
-    ``network(x)`` (the bound ``prompt`` is used), ``verify_net_in_out`` passes ``extra_forward_args`` parsed from
-    the command line (a list of token ids or a string), MONAI Label and scripts pass token tensors.
-
-    Its state dict has CausalCLIPSeg's keys (no ``model.`` prefix), so ``models/model.pt`` is the package's weight
-    file, usable by ``create_model(checkpoint=...)`` as well as by MONAI's ``CheckpointLoader``. Prompt strings are
-    translated to the loaded weights' laterality convention when they are tokenised, after the weights are loaded
-    (:func:`~causalclipseg.inference.predictor.model_tokens`); token ids are taken as they are.
-
-    Args:
-        model_name: a variant from :func:`causalclipseg.list_models` (random weights; load a checkpoint after).
-        prompt: the prompt used when ``forward`` gets no text; ``None`` to require text.
-        pretrained: CLIP encoder weights (an open_clip tag or file), for training from CLIP.
-        prompt_side: whose left the prompts' "left" is: ``patient`` (default) or ``viewer``.
-        model_prompt_side: the convention the weights learn when trained (training reads captions in it); loaded
-            weights bring their own.
-    """
-
-    def __init__(self, model_name: str = DEFAULT_MODEL, prompt: str | None = None,
-                 pretrained: str | None = None, prompt_side: str = "patient",
-                 model_prompt_side: str | None = None) -> None:
-        super().__init__()
-        self.model = inference_ready(create_model(model_name, pretrained=pretrained))  # channels-last weights
-        if model_prompt_side is not None:
-            self.model.prompt_side = model_prompt_side
-        self.preprocess = get_slice_preprocessing(self.model.config.image_size)
-        self.context_length = self.model.tokenizer.context_length
-        self.prompt_side = check_prompt_side(prompt_side)
-        self.prompt = prompt
-        if prompt is not None:
-            model_tokens(self.model, prompt, self.prompt_side)  # refuse a bad prompt now, not at the first slice
-        self.register_buffer("device_marker", torch.zeros(0), persistent=False)  # follows .to(device)
-        self._bound: tuple[tuple, torch.Tensor] | None = None  # the bound prompt's tokens, per convention and device
-        self.register_state_dict_post_hook(_strip_model_prefix)
-        self.register_load_state_dict_pre_hook(_add_model_prefix)
-
-    def as_tokens(self, text: torch.Tensor | Sequence | str | None) -> torch.Tensor:
-        """Token ids ``(B, context_length)`` from token ids (tensor or nested list, zero-padded), a prompt string
-        (translated to the model's laterality convention), or ``None`` (the bound prompt).
-
-        Raises:
-            ValueError: if ``text`` is ``None`` and no prompt is bound, or holds too many tokens.
-        """
-        device = self.device_marker.device
-        if text is None:
-            if self.prompt is None:
-                raise ValueError("text is required: pass token ids (B, L) or a prompt, or build the network with "
-                                 "a prompt")
-            key = (self.model.prompt_side, device)  # weights loaded after construction may change the convention
-            if self._bound is None or self._bound[0] != key:
-                self._bound = (key, model_tokens(self.model, self.prompt, self.prompt_side).to(device))
-            return self._bound[1]
-        if isinstance(text, str):
-            return model_tokens(self.model, text, self.prompt_side).to(device)
-        tokens = torch.as_tensor(text, dtype=torch.int64, device=device)
-        tokens = tokens[None] if tokens.ndim == 1 else tokens  # (L,) -> (1, L)
-        if tokens.ndim != 2 or tokens.shape[1] > self.context_length:
-            raise ValueError(f"text must be (B, L) token ids with L <= {self.context_length}, got shape "
-                             f"{tuple(tokens.shape)}")
-        return F.pad(tokens, (0, self.context_length - tokens.shape[1]))  # zero padding, as the tokenizer pads
-
-    def forward(self, image: torch.Tensor, text: torch.Tensor | Sequence | str | None = None) -> torch.Tensor:
-        """Segment raw slices.
-
-        Args:
-            image: (N, 1, X, Y) raw grayscale intensities, any size.
-            text: (N, L) or (1, L) token ids (tensor or list), a prompt string, or ``None`` for the bound prompt.
-
-        Returns:
-            logits (N, 1, X, Y) on the input grid.
-        """
-        tokens = self.as_tokens(text)
-        x = image.as_subclass(torch.Tensor)
-        batch = torch.stack([self.preprocess(s.float().cpu()).as_subclass(torch.Tensor) for s in x])  # (N,3,S,S)
-        logits = self.model(batch.to(tokens.device), tokens)
-        return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False).to(x.device)
 
 
 class ExportNetwork(nn.Module):
@@ -229,18 +113,18 @@ class ExportNetwork(nn.Module):
     ``torch.jit.script`` cannot compile the package's wrappers around open_clip's towers (``math.isqrt``,
     ``Sequence`` annotations, the ``TextFeatures`` dataclass), and MONAI's ``ckpt_export`` traces with one input only,
     so the model is traced here with ``(image, tokens)`` and wrapped in a scriptable module. The trace fixes the
-    shapes: ``image`` ``(batch_size, 3, S, S)`` preprocessed as in :func:`get_slice_preprocessing` (S is the
+    shapes: ``image`` ``(batch_size, 3, S, S)`` preprocessed as :class:`SlicePreprocessing` does (S is the
     variant's ``image_size``) and ``text`` ``(batch_size, L)`` token ids from the package's tokenizer; any prompt
     works. Loading accepts CausalCLIPSeg's own state dict (``models/model.pt``).
 
     Args:
-        network: the bundle network whose model is exported.
+        network: the bundle's ``network_def``, the model to export.
         batch_size: the batch size the export is traced for.
     """
 
-    def __init__(self, network: BundleNetwork, batch_size: int = 1) -> None:
+    def __init__(self, network: nn.Module, batch_size: int = 1) -> None:
         super().__init__()
-        model = network.model.eval()
+        model = network.eval()
         size = model.config.image_size
         example = (torch.zeros(batch_size, 3, size, size), model.tokenize("left lung").expand(batch_size, -1))
         with torch.no_grad(), warnings.catch_warnings():
@@ -259,121 +143,3 @@ class ExportNetwork(nn.Module):
     def forward(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         """image (B, 3, S, S) preprocessed, text (B, L) token ids -> logits (B, 1, S, S)."""
         return self.traced(image, text)
-
-
-# ---------------------------------------------------------------------------------------------------- training
-class TrainingNetwork(nn.Module):
-    """What the trainer (and DistributedDataParallel) calls: the min-max forward of a :class:`BundleNetwork`'s model.
-
-    ``forward`` returns one tensor, the causal and confounder logits stacked as channels, so that MONAI's
-    ``SupervisedTrainer`` and DDP (which only synchronises gradients through ``forward``) carry the adversarial
-    term; :class:`StackedCausalSegLoss` splits them. The gradient-reversal coefficient is set each iteration by
-    :class:`ReversalSchedule`. It shares the weights of ``network`` (the model is not copied).
-
-    Args:
-        network: the bundle network whose model is trained.
-    """
-
-    def __init__(self, network: BundleNetwork) -> None:
-        super().__init__()
-        self.model = network.model
-        self.reversal = 0.0
-
-    def forward(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        """image (B, 3, S, S) preprocessed, text (B, L) token ids -> (B, 2, S, S): causal, confounder logits
-        ((B, 1, S, S) without the causal module)."""
-        output = self.model.forward_aux(image, text, reversal=self.reversal)
-        if output.confounder_logits is None:
-            return output.logits
-        return torch.cat([output.logits, output.confounder_logits], dim=1)
-
-
-class StackedCausalSegLoss(nn.Module):
-    """:class:`~causalclipseg.training.losses.CausalSegLoss` on :class:`TrainingNetwork`'s stacked output (the total).
-
-    Args are those of :class:`~causalclipseg.training.losses.CausalSegLoss`.
-    """
-
-    def __init__(self, lambda_dice: float = 0.5, lambda_bce: float = 0.5, confounder_weight: float = 1.0,
-                 logit_bound: float = 5.0) -> None:
-        super().__init__()
-        self.loss = CausalSegLoss(lambda_dice, lambda_bce, confounder_weight, logit_bound)
-
-    def forward(self, pred: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
-        """pred (B, 2, H, W) or (B, 1, H, W), label (B, 1, H, W) in {0, 1} -> scalar loss."""
-        confounder = pred[:, 1:2] if pred.shape[1] == 2 else None
-        return self.loss(CausalCLIPSegOutput(pred[:, :1], confounder, []), label).total
-
-
-class ReversalSchedule:
-    """Sets ``network.reversal`` before each iteration: the DANN ramp of the package's training engine.
-
-    Args:
-        network: a :class:`TrainingNetwork`.
-        reversal_max: the final coefficient.
-    """
-
-    def __init__(self, network: TrainingNetwork, reversal_max: float = 0.5) -> None:
-        if reversal_max < 0:
-            raise ValueError(f"reversal_max must be >= 0, got {reversal_max}")
-        self.network = network
-        self.reversal_max = reversal_max
-
-    def attach(self, engine: Engine) -> None:
-        """Register with an ignite engine."""
-        engine.add_event_handler(Events.ITERATION_STARTED, self)
-
-    def __call__(self, engine: Engine) -> None:
-        total = max(1, engine.state.max_epochs * (engine.state.epoch_length or 1))
-        self.network.reversal = reversal_coefficient(engine.state.iteration / total, self.reversal_max)
-
-
-def optimizer_param_groups(network: BundleNetwork, lr: float, encoder_lr_scale: float = 1.0,
-                           weight_decay: float = 1e-4) -> list[dict]:
-    """AdamW parameter groups as in the package's training: the encoders at ``lr * encoder_lr_scale``."""
-    return param_groups(network.model, lr, encoder_lr_scale, weight_decay)
-
-
-# -------------------------------------------------------------------------------------------------- evaluation
-class SegmentationScoresHandler:
-    """Scores an evaluator's predictions under both protocols (per-image mean and dataset-level), logs them and
-    writes ``metrics.json`` and the per-image ``scores.csv`` into ``output_dir``.
-
-    Args:
-        output_dir: where to write; ``None`` to only log.
-        pred_key: probabilities ``(1, H, W)`` per item in the engine output (after decollation).
-        label_key: labels, same shape.
-        threshold: probability above which a pixel is lesion.
-    """
-
-    def __init__(self, output_dir: str | os.PathLike | None = None, pred_key: str = "pred",
-                 label_key: str = "label", threshold: float = 0.5) -> None:
-        self.output_dir = Path(output_dir) if output_dir is not None else None
-        self.pred_key, self.label_key = pred_key, label_key
-        self.scores = SegmentationScores(threshold)
-        self.summary: dict[str, float] = {}
-
-    def attach(self, engine: Engine) -> None:
-        """Register with an ignite engine."""
-        engine.add_event_handler(Events.STARTED, lambda _: self.scores.reset())
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self.update)
-        engine.add_event_handler(Events.COMPLETED, self.write)
-
-    def update(self, engine: Engine) -> None:
-        """Score the items of the last batch."""
-        items = engine.state.output if isinstance(engine.state.output, list) else [engine.state.output]
-        for item in items:
-            pred, label = item[self.pred_key], item[self.label_key]
-            name = Path(str(getattr(pred, "meta", {}).get(ImageMetaKey.FILENAME_OR_OBJ, ""))).name
-            self.scores.update(pred.detach().cpu()[None].float(), label.detach().cpu()[None], names=[name])
-
-    def write(self, engine: Engine) -> None:
-        """Log both protocols and write the files."""
-        summary = self.scores.summary()
-        self.summary = summary.to_dict()
-        logger.info("evaluation (%d images):\n%s", len(self.scores), summary)
-        engine.state.metrics.update({k.replace("/", "_"): v for k, v in self.summary.items()})
-        if self.output_dir is not None:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            (self.output_dir / "metrics.json").write_text(json.dumps(self.summary, indent=2))
-            self.scores.to_csv(self.output_dir / "scores.csv")

@@ -65,7 +65,8 @@ def predict_main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from tqdm import tqdm
 
-    from .inference.predictor import Predictor, model_tokens
+    from .inference.predictor import Predictor
+    from .inference.prompts import model_tokens
     from .io.inputs import list_inputs
     try:
         text = read_prompt(args.prompt, args.prompt_file, "--prompt-file")
@@ -113,6 +114,10 @@ _TRAIN_HELP = {
     "prompt_side": "whose left the model learns 'left' as: patient or viewer; default: as the data's captions say "
                    "(QaTa-COV19 and the LViT layout: viewer; a datalist: patient unless it says otherwise), or the "
                    "--init-checkpoint's when fine-tuning. Captions are translated to it and the model records it",
+    "allow_config_change": "continue the run in --output-dir although this call's config differs from its "
+                           "train_config.json (the differences are logged, then recorded); without it such a call is "
+                           "refused. Output folder, device, workers, caching, progress bar and --checkpoint-every "
+                           "may always change",
 }
 
 
@@ -145,8 +150,9 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="causalclipseg train", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Train CausalCLIPSeg with the adversarial min-max step; validates every --val-every epochs, "
-                    "keeps the best model by per-image Dice, and resumes an interrupted run from --output-dir. "
-                    "Run `causalclipseg verify-data` on the dataset first.")
+                    "keeps the best model by per-image Dice, and resumes an interrupted run from --output-dir "
+                    "(with the config it was started with: see --allow-config-change). The bundle's train.json and "
+                    "the MONAI Label app run this same trainer. Run `causalclipseg verify-data` on the dataset first.")
     _add_dataclass_args(parser, TrainConfig)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -181,18 +187,12 @@ def evaluate_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--json", default=None, help="write the summary here")
     _model_args(parser)
     args = parser.parse_args(argv)
-    from monai.data import DataLoader, Dataset
-
-    from .data.datasets import read_dataset
-    from .data.pipelines import get_val_transforms
-    from .evaluation.evaluate import causal_statistics, evaluate_model
+    from .evaluation.evaluate import causal_statistics, evaluate_model, split_loader
     from .inference.predictor import load_trained_model
     try:
         model = load_trained_model(args.model, args.checkpoint, device=args.device)
-        records = read_dataset(args.data, args.split, prompt_side=model.prompt_side)[: args.max_images]
-        transforms = get_val_transforms(model.config.image_size, model.tokenizer.context_length,
-                                        args.prompt_transform, mirror=args.mirror)
-        loader = DataLoader(Dataset(records, transforms), batch_size=args.batch_size)
+        loader = split_loader(model, args.data, args.split, args.batch_size, args.max_images, args.prompt_transform,
+                              mirror=args.mirror)
         device = next(model.parameters()).device
         scores = evaluate_model(model, loader, device, progress=True)
         summary = scores.summary(n_resamples=args.bootstrap)

@@ -36,6 +36,7 @@ def test_inference_measurement_in_process_has_every_figure():
     assert benchmark.inference_benchmark("unet", 64, (1,), repeats=1, threads=1)["time_share"] == {}
 
 
+@pytest.mark.slow
 def test_benchmark_command_writes_tables_and_json(tmp_path, capsys):
     out = tmp_path / "bench.json"
     assert cli.main(["benchmark", "--configs", "tiny", "--image-size", "64", "--batch-sizes", "1", "2",

@@ -24,7 +24,8 @@ import torch
 from PIL import Image
 
 from causalclipseg import create_model
-from causalclipseg.bundle import BundleNetwork, list_inputs, resolve_prompt
+from causalclipseg.bundle import list_inputs, resolve_prompt
+from causalclipseg.inference.predictor import Predictor
 from causalclipseg.training.checkpoint import save_weights
 
 from .conftest import save_dicom
@@ -130,6 +131,7 @@ def train_data(tmp_path_factory) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------- MONAI's checks
+@pytest.mark.slow
 def test_verify_metadata_against_offline_schema():
     out = _ok(_bundle("verify_metadata", "--meta_file", "configs/metadata.json", "--filepath", str(SCHEMA)))
     assert "metadata is verified with no error" in out
@@ -145,6 +147,7 @@ def test_metadata_declares_image_then_text_and_pred():
     assert "research only" in meta["intended_use"].lower()
 
 
+@pytest.mark.slow
 def test_verify_net_in_out_with_the_text_input():
     out = _ok(_bundle("verify_net_in_out", "network_def", "--meta_file", "configs/metadata.json",
                       "--config_file", "configs/inference.json", "--device", "cpu", "--any", "96",
@@ -152,6 +155,7 @@ def test_verify_net_in_out_with_the_text_input():
     assert "data shape of network is verified with no error" in out
 
 
+@pytest.mark.slow
 def test_ckpt_export_torchscript_equals_eager(data, tmp_path):
     ts_path = tmp_path / "model.ts"
     _ok(_bundle("ckpt_export", "export_network", "--filepath", str(ts_path), "--ckpt_file", str(data["ckpt"]),
@@ -165,6 +169,7 @@ def test_ckpt_export_torchscript_equals_eager(data, tmp_path):
             torch.testing.assert_close(exported(image, tokens), model(image, tokens), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_infer_and_train_properties(train_data, data, tmp_path):
     out = f", output_dir={str(tmp_path)!r}"  # building the handlers creates TensorBoard files there
     script = (
@@ -204,6 +209,7 @@ def test_model_pt_is_the_package_weights():
         f"{model} differs from {PACKAGE_WEIGHTS}: copy the package's weights into the bundle"
 
 
+@pytest.mark.slow
 def test_model_zoo_ci_passes():
     """The Model Zoo's own ``ci/verify_bundle.py`` (offline copy), TorchScript skipped the zoo's way (see the bundle's
     docs: ``torch.jit.script`` cannot compile the network; the traced export is checked above)."""
@@ -243,6 +249,7 @@ def test_the_default_input_is_the_sample_xray_alone():
     assert list_inputs(BUNDLE / "sample_data") == [{"image": str(BUNDLE / image)}]  # not the mask, not the texts
 
 
+@pytest.mark.slow
 def test_a_copy_runs_with_no_overrides(bundle_copy):
     """``run`` as given, in a copy of the bundle: the shipped weights segment the shipped sample with the default
     prompt (the patient's side), and only the X-ray."""
@@ -259,6 +266,7 @@ def test_a_copy_runs_with_no_overrides(bundle_copy):
     assert dice >= 0.7, f"Dice {dice:.3f} on the shipped sample"
 
 
+@pytest.mark.slow
 def test_infer_properties_of_the_config_as_given(bundle_copy):
     script = ("from monai.bundle import ConfigWorkflow\n"
               "w = ConfigWorkflow(config_file='configs/inference.json', workflow_type='infer',"
@@ -271,6 +279,7 @@ def test_infer_properties_of_the_config_as_given(bundle_copy):
 
 
 # --------------------------------------------------------------------------------------------------- inference
+@pytest.mark.slow
 def test_infer_folder_of_xrays_png_and_dicom(data, tmp_path):
     from monai.transforms import LoadImage
 
@@ -287,6 +296,7 @@ def test_infer_folder_of_xrays_png_and_dicom(data, tmp_path):
     assert (tmp_path / "patient2_mask.png").is_file()
 
 
+@pytest.mark.slow
 def test_infer_volumes_keep_their_grid(data, tmp_path):
     from monai.transforms import LoadImage
 
@@ -308,6 +318,7 @@ def test_infer_volumes_keep_their_grid(data, tmp_path):
     np.testing.assert_allclose(np.linalg.norm(series.affine[:3, :3], axis=0), [0.9, 0.7, 2.5], atol=1e-4)
 
 
+@pytest.mark.slow
 def test_prompt_with_commas_and_digits_arrives_intact(data, tmp_path):
     out = _ok(_infer(data["ckpt"], "--input", str(data["png"]), "--output_dir", str(tmp_path),
                      "--prompt", "left, right, 2"))
@@ -328,18 +339,14 @@ def test_resolve_prompt_rebuilds_fire_tuples():
         resolve_prompt("  ")
 
 
+@pytest.mark.slow
 def test_two_prompts_give_different_masks(data, tmp_path):
     """With random weights the lesion probabilities differ between prompts only slightly and mostly lie on one
     side of 0.5; so the threshold is set at the median probability of prompt A (computed here with the same
     network), and the test checks that the masks the bundle writes for A and B differ: the prompt given on the
     command line reaches the network. It does not check that either mask is right."""
-    from monai.transforms import LoadImage
-
-    network = BundleNetwork("tiny", PROMPT_A)
-    network.load_state_dict(torch.load(data["ckpt"], weights_only=True))
-    image = LoadImage(image_only=True, ensure_channel_first=True)(str(data["png"]))
-    with torch.no_grad():
-        threshold = float(torch.sigmoid(network(image[None])).median())
+    threshold = float(np.median(Predictor("tiny", data["ckpt"], device="cpu").predict(data["png"], PROMPT_A)
+                                .probability))
     masks = []
     for i, prompt in enumerate((PROMPT_A, PROMPT_B)):
         _ok(_infer(data["ckpt"], "--input", str(data["png"]), "--output_dir", str(tmp_path / str(i)),
@@ -349,6 +356,7 @@ def test_two_prompts_give_different_masks(data, tmp_path):
     assert (masks[0] != masks[1]).any()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case, message", [
     ("missing", "input not found: "),
     ("bad", "cannot read "),
@@ -368,39 +376,156 @@ def test_clear_errors(data, tmp_path, case, message):
         assert "broken.png" in line
 
 
+@pytest.mark.slow
+def test_bundle_and_predictor_run_one_path_to_the_same_masks(data, tmp_path):
+    """One inference path: on a PNG, a DICOM X-ray, an oblique NIfTI and a DICOM series, the bundle's inference.json
+    writes exactly the masks of the package's Predictor. With random weights the probabilities cluster, so the
+    threshold is their pooled median (each mask is then neither empty nor full)."""
+    kinds = ("png", "dcm", "nii", "series")
+    predictor = Predictor("tiny", data["ckpt"], device="cpu")
+    probabilities = {k: predictor.predict(data[k], PROMPT_A).probability for k in kinds}
+    threshold = float(np.median(np.concatenate([p.ravel() for p in probabilities.values()])))
+    datalist = tmp_path / "inputs.json"
+    datalist.write_text(json.dumps({"testing": [{"image": str(data[k])} for k in kinds]}))
+    _ok(_infer(data["ckpt"], "--input", str(datalist), "--output_dir", str(tmp_path / "out"), "--prompt", PROMPT_A,
+               "--threshold", repr(threshold)))
+    for kind in kinds:
+        name = data[kind].name.split(".")[0]
+        written = nib.load(tmp_path / "out" / f"{name}_mask.nii.gz").get_fdata()
+        expected = probabilities[kind] > threshold
+        assert 0 < expected.mean() < 1, kind
+        np.testing.assert_array_equal(written.reshape(expected.shape), expected, err_msg=kind)
+
+
 def test_list_inputs_treats_a_dicom_series_as_one_volume(data):
     assert list_inputs(data["series"]) == [{"image": str(data["series"])}]
     assert {Path(r["image"]).name for r in list_inputs(data["png"].parent)} == {"patient1.png", "patient2.dcm"}
 
 
 # ---------------------------------------------------------------------------------------- training, evaluation
+def _history(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
+
+
+def _checkpoints(run: Path) -> list[str]:
+    return sorted(p.name for p in (run / "checkpoints").iterdir())
+
+
+def test_train_properties_drive_the_package_trainer(train_data, tmp_path):
+    """train.json's MONAI train-workflow properties are the package trainer's parts: setting ``max_epochs`` (as MONAI
+    Label's bundle trainer does) sets the run's epochs, ``train_dataset`` is the data it trains on, ``network_def``
+    the model it trains, ``train_inferer`` the inferer its step calls."""
+    from ignite.engine import Engine
+    from monai.bundle import ConfigWorkflow
+
+    from causalclipseg.training.trainer import Trainer
+
+    workflow = ConfigWorkflow(config_file=str(BUNDLE / "configs" / "train.json"), workflow_type="train",
+                              bundle_root=str(BUNDLE), dataset_dir=str(train_data), output_dir=str(tmp_path / "run"),
+                              batch_size=2, progress=False)
+    workflow.max_epochs = 3
+    workflow.initialize()
+    assert workflow.check_properties() == []
+    trainer = workflow.trainer
+    assert isinstance(trainer, Trainer) and isinstance(trainer, Engine)
+    assert trainer.config.epochs == 3 and trainer.total_iterations == 3 * 2  # 4 training records, batch 2
+    assert workflow.train_dataset is trainer.train_dataset and len(workflow.train_dataset) == 4
+    assert workflow.network_def is trainer.network and workflow.train_inferer is trainer.inferer
+    assert trainer.config.data == str(train_data) and trainer.device == torch.device(str(workflow.device))
+    assert not (tmp_path / "run" / "train_config.json").exists()  # building the trainer records no run
+
+
+@pytest.mark.slow
 def test_train_then_evaluate_both_protocols(train_data, tmp_path):
     out_dir = tmp_path / "run"
     _ok(_bundle("run", "--config_file", "configs/train.json", "--dataset_dir", str(train_data),
-                "--output_dir", str(out_dir), "--max_epochs", "1", "--batch_size", "2", "--val_batch_size", "2"))
-    assert (out_dir / "models" / "model.pt").is_file()  # best validation model
-    assert list((out_dir / "models").glob("train_checkpoint_epoch=1.pt"))  # model + optimizer
-    assert list(out_dir.glob("events.out.tfevents.*"))  # TensorBoard
-    create_model("tiny", checkpoint=out_dir / "models" / "model.pt")  # the package loads what the bundle saved
+                "--output_dir", str(out_dir), "--max_epochs", "1", "--batch_size", "2", "--progress", "False"))
+    assert (out_dir / "best_model.pt").is_file()  # best validation model
+    assert _checkpoints(out_dir) == ["last_checkpoint_2.pt"]
+    assert {"model", "optimizer"} <= set(torch.load(out_dir / "checkpoints" / "last_checkpoint_2.pt",
+                                                     weights_only=True))  # the resumable state: model + optimizer ...
+    assert list((out_dir / "tensorboard").glob("events.out.tfevents.*"))  # TensorBoard
+    create_model("tiny", checkpoint=out_dir / "best_model.pt")  # the package loads what the bundle saved
     eval_dir = tmp_path / "eval"
     out = _ok(_bundle("run", "--config_file", "['configs/train.json','configs/evaluate.json']",
                       "--dataset_dir", str(train_data), "--output_dir", str(eval_dir),
-                      "--ckpt_path", str(out_dir / "models" / "model.pt"), "--val_batch_size", "2"))
+                      "--ckpt_path", str(out_dir / "best_model.pt"), "--batch_size", "2"))
     assert "per_image Dice" in out and "dataset_level Dice" in out
     metrics = json.loads((eval_dir / "metrics.json").read_text())
     assert {"per_image/dice", "dataset_level/dice", "per_image/iou", "dataset_level/iou"} <= set(metrics)
     assert (eval_dir / "scores.csv").is_file()
+    # the package's evaluation: `causalclipseg evaluate` gives the same numbers on the same split
+    from causalclipseg import cli
+
+    summary = tmp_path / "cli_eval.json"
+    assert cli.main(["evaluate", "--data", str(train_data), "--split", "test", "--checkpoint",
+                     str(out_dir / "best_model.pt"), "--json", str(summary), "--device", "cpu"]) == 0
+    expected = json.loads(summary.read_text())
+    assert metrics["n_images"] == 2 and {k: expected[k] for k in metrics} == metrics
 
 
+@pytest.mark.slow
+def test_bundle_and_cli_train_are_one_trainer(train_data, tmp_path):
+    """The bundle's train.json and ``causalclipseg train`` on the same data with the same seed and knobs: the same run
+    config, and the same best model (bit for bit) and validation history."""
+    from causalclipseg.training.trainer import TrainConfig, config_changes
+
+    bundle_run, cli_run = tmp_path / "bundle", tmp_path / "cli"
+    _ok(_bundle("run", "--config_file", "configs/train.json", "--dataset_dir", str(train_data), "--output_dir",
+                str(bundle_run), "--max_epochs", "2", "--batch_size", "2", "--warmup_iterations", "2",
+                "--progress", "False"))
+    subprocess.run([sys.executable, "-m", "causalclipseg.cli", "train", "--data", str(train_data), "--output-dir",
+                    str(cli_run), "--epochs", "2", "--batch-size", "2", "--warmup-iterations", "2", "--no-progress"],
+                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=600)
+    cli_config = json.loads((cli_run / "train_config.json").read_text())
+    world_size = cli_config.pop("world_size")
+    assert config_changes(json.loads((bundle_run / "train_config.json").read_text()), TrainConfig(**cli_config),
+                          world_size) == {}
+    bundle_model = torch.load(bundle_run / "best_model.pt", weights_only=True)
+    cli_model = torch.load(cli_run / "best_model.pt", weights_only=True)
+    assert bundle_model.keys() == cli_model.keys()
+    for key, tensor in cli_model.items():
+        torch.testing.assert_close(bundle_model[key], tensor, rtol=0, atol=0, msg=key)
+    assert _history(bundle_run) == _history(cli_run) and [r["epoch"] for r in _history(cli_run)] == [1, 2]
+    assert _checkpoints(bundle_run) == _checkpoints(cli_run) == ["last_checkpoint_4.pt"]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
 def test_multi_gpu_train_starts_two_processes_on_cpu(train_data, tmp_path):
+    """torchrun with 2 CPU processes (gloo) and DistributedDataParallel: both train their shard to the end, rank 0
+    alone validates and writes one checkpoint set; the same command asked for one more epoch (allow_config_change)
+    resumes that run in both processes."""
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "CUDA_VISIBLE_DEVICES": ""}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", "29517",
-               "-m", "monai.bundle", "run", "--config_file", "['configs/train.json','configs/multi_gpu_train.json']",
-               "--dataset_dir", str(train_data), "--output_dir", str(tmp_path), "--max_epochs", "1",
-               "--batch_size", "1", "--val_batch_size", "1"]
-    result = subprocess.run(command, cwd=BUNDLE, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, timeout=180)
-    assert result.returncode == 0, result.stdout[-4000:]
-    finished = re.findall(r"SupervisedTrainer - INFO - Engine run finished", result.stdout)
+
+    def torchrun(*args: str) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port",
+                   str(_free_port()), "-m", "monai.bundle", "run", "--config_file",
+                   "['configs/train.json','configs/multi_gpu_train.json']", "--dataset_dir", str(train_data),
+                   "--output_dir", str(tmp_path), "--batch_size", "1", "--progress", "False", *args]
+        result = subprocess.run(command, cwd=BUNDLE, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, timeout=300)
+        assert result.returncode == 0, result.stdout[-4000:]
+        return result
+
+    result = torchrun("--max_epochs", "1")
+    finished = re.findall(r"Trainer - INFO - Engine run finished", result.stdout)
     assert len(finished) == 2, result.stdout[-4000:]  # both ranks trained to the end
-    assert (tmp_path / "models" / "model.pt").is_file()  # rank 0 saved
+    assert (tmp_path / "best_model.pt").is_file()  # rank 0 saved
+    assert _checkpoints(tmp_path) == ["last_checkpoint_2.pt"]  # one set: 4 records, 2 per process, batch 1
+    assert [r["epoch"] for r in _history(tmp_path)] == [1]
+    assert json.loads((tmp_path / "train_config.json").read_text())["world_size"] == 2
+    assert len(re.findall(r"epoch 1: validation per-image Dice", result.stdout)) == 1  # on rank 0 only
+
+    result = torchrun("--max_epochs", "2", "--allow_config_change", "True")
+    resumed = re.findall(r"resumed from \S+last_checkpoint_2\.pt at epoch 1, iteration 2", result.stdout)
+    assert len(resumed) == 2, result.stdout[-4000:]  # both processes continue the run
+    assert _checkpoints(tmp_path) == ["last_checkpoint_4.pt"]
+    assert [r["epoch"] for r in _history(tmp_path)] == [1, 2]

@@ -125,6 +125,7 @@ def _checkpoint_step(path: Path) -> int:
     return int(path.stem.rsplit("_", 1)[1])
 
 
+@pytest.mark.slow
 def test_train_killed_mid_epoch_resumes_exactly(tmp_path):
     """SIGKILL in the middle of the second epoch, then the same command again: the resumed run (from a mid-epoch
     checkpoint) ends with the same model and optimiser state, bit for bit, as an uninterrupted run."""
@@ -163,6 +164,35 @@ def test_train_killed_mid_epoch_resumes_exactly(tmp_path):
             torch.testing.assert_close(b["optimizer"]["state"][index][name], state[name], rtol=0, atol=0)
     history = [json.loads(line)["epoch"] for line in (resumed / "history.jsonl").read_text().splitlines()]
     assert history[-1] == 2
+
+
+def test_train_refuses_a_changed_config_in_one_line_unless_allowed(tmp_path, capsys, caplog):
+    """A finished one-epoch run asked for more epochs at another learning rate: refused in one line naming both fields
+    (old -> new) and nothing is touched; runtime fields alone (progress bar, workers, checkpoint interval) are no
+    change; with --allow-config-change the run continues from its checkpoint and records the new values."""
+    data = write_datalist(tmp_path, n=4)
+    out = tmp_path / "run"
+    assert cli.main(_train_args(data, out, epochs=1)) == 0
+    capsys.readouterr()
+    before = {p.name: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    changed = [*_train_args(data, out, epochs=2), "--lr", "0.002"]
+    assert cli.main(changed) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: output_dir {out} holds a run with epochs 1, lr 0.001; this call asks epochs 2, lr 0.002: "
+                   "pass --allow-config-change (allow_config_change) to continue it with the new values, or choose a "
+                   "new output_dir"]
+    assert {p.name: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    runtime_only = [*_train_args(data, out, epochs=1), "--checkpoint-every", "5", "--num-workers", "1", "--progress"]
+    assert cli.main(runtime_only) == 0  # the same run, complete: nothing to train
+    assert (out / "checkpoints" / "last_checkpoint_1.pt").is_file()
+    with caplog.at_level("WARNING", logger="causalclipseg.training.trainer"):
+        assert cli.main([*changed, "--allow-config-change"]) == 0
+    assert "continuing the run with epochs 2, lr 0.002 instead of epochs 1, lr 0.001" in caplog.text
+    assert [p.name for p in (out / "checkpoints").glob("last_*.pt")] == ["last_checkpoint_2.pt"]  # resumed, not redone
+    assert [json.loads(line)["epoch"] for line in (out / "history.jsonl").read_text().splitlines()] == [1, 2]
+    recorded = json.loads((out / "train_config.json").read_text())
+    assert (recorded["epochs"], recorded["lr"], recorded["world_size"]) == (2, 0.002, 1)
+    assert cli.main(changed) == 0  # the recorded run is now this config
 
 
 def test_train_refuses_a_corrupted_checkpoint_in_one_line(tmp_path, capsys):

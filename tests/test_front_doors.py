@@ -11,6 +11,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pytest
 from PIL import Image
 
 from causalclipseg import cli
@@ -59,6 +60,7 @@ def _masks(folder: Path) -> dict[str, nib.Nifti1Image]:
     return {p.name: nib.load(p) for p in sorted(folder.glob("*_mask.nii.gz"))}
 
 
+@pytest.mark.slow
 def test_cli_and_bundle_give_the_same_masks_for_mirrored_dicom_volumes_and_a_series(tmp_path, qata_root, capsys):
     png, caption, clinician = _case(qata_root)
     picture = np.array(Image.open(png))
@@ -105,11 +107,13 @@ def test_cli_and_bundle_give_the_same_masks_for_mirrored_dicom_volumes_and_a_ser
 def test_bundle_declares_the_patients_side_as_its_default():
     config = json.loads((BUNDLE / "configs" / "inference.json").read_text())
     assert config["prompt_side"] == "patient"
-    assert config["network_def"]["prompt_side"] == "@prompt_side"
+    (tokens,) = [t for t in config["preprocessing"]["transforms"] if t["_target_"].endswith(".ModelTokensd")]
+    assert tokens["prompt_side"] == "@prompt_side" and tokens["prompt"] == "@prompt_text"
     docs = (BUNDLE / "docs" / "README.md").read_text()
     assert "patient's" in docs and "prompt_side" in docs
 
 
+@pytest.mark.slow
 def test_bundle_warns_when_a_side_cannot_be_checked(tmp_path, qata_root):
     png, _, clinician = _case(qata_root)
     image = nib.Nifti1Image(np.array(Image.open(png)).T.astype(np.float32)[..., None], np.eye(4))

@@ -461,6 +461,7 @@ def test_every_pydicom_test_file(tmp_path, checkpoint, capsys, monkeypatch):
         assert expected in reasons
 
 
+@pytest.mark.slow
 def test_every_nibabel_test_file(tmp_path, checkpoint, capsys, monkeypatch):
     data = Path(nib.__file__).parent / "tests" / "data"
     folder = tmp_path / "nibabel"
@@ -475,6 +476,7 @@ def test_every_nibabel_test_file(tmp_path, checkpoint, capsys, monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------------ subprocesses
+@pytest.mark.slow
 def test_cli_subprocess_prints_one_line_per_refused_file(tmp_path, checkpoint):
     """The real command: no traceback, no library warning, one line per refused file, the good file segmented."""
     mr_small = next((f for f in pydicom_test_files() if f.name == "MR_small.dcm"), None)
@@ -506,6 +508,7 @@ def _bundle_infer(ckpt: Path, *args: str) -> subprocess.CompletedProcess:
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=240)
 
 
+@pytest.mark.slow
 def test_bundle_segments_colour_sagittal_and_16bit_inputs(tmp_path, checkpoint):
     inputs = [_dicom(tmp_path / "rgb.dcm", _noise((40, 56, 3)), "RGB"),
               _dicom(tmp_path / "sag.dcm", _noise((40, 56), np.uint16, 4000), orientation=_SAGITTAL),
@@ -524,6 +527,7 @@ def test_bundle_segments_colour_sagittal_and_16bit_inputs(tmp_path, checkpoint):
     assert not _leftovers(out)
 
 
+@pytest.mark.slow
 def test_bundle_refuses_a_nan_volume_with_a_clear_error(tmp_path, checkpoint):
     path = _nifti_with_nan(tmp_path / "nan.nii.gz")
     before = _digest([path])

@@ -129,6 +129,7 @@ def test_predict_prompt_file(tmp_path, checkpoint, xray, capsys, caplog, content
     assert time.perf_counter() - started < 30
 
 
+@pytest.mark.slow
 def test_cli_subprocess_control_character_prompt_is_one_plain_line(tmp_path, checkpoint, xray):
     result = subprocess.run([sys.executable, "-m", "causalclipseg.cli", "predict", str(xray), "--prompt",
                              "\x1b[2J\x1b[31mlower left lung", "--checkpoint", str(checkpoint), "--output-dir",
@@ -216,6 +217,7 @@ def test_bundle_resolve_prompt_from_fire_values_and_files(tmp_path):
     assert resolve_prompt(prompt_file=prompt_file, argv=["x"]) == ARABIC
 
 
+@pytest.mark.slow
 def test_bundle_subprocess_refuses_a_prompt_that_is_a_file_name(tmp_path, checkpoint, xray):
     prompt_file = tmp_path / "prompt.txt"
     prompt_file.write_text("lower left lung\n", encoding="utf-8")

@@ -18,7 +18,8 @@ from causalclipseg import cli, create_model
 from causalclipseg.data.datasets import dataset_prompt_side, index_dataset, read_dataset
 from causalclipseg.data.prompts import PROMPT_SIDES, check_prompt_side, names_a_side, to_model_side
 from causalclipseg.factory import DEFAULT_CHECKPOINT, checkpoint_prompt_side, load_state_dict
-from causalclipseg.inference.predictor import Predictor, model_tokens
+from causalclipseg.inference.predictor import Predictor
+from causalclipseg.inference.prompts import model_tokens
 from causalclipseg.training.checkpoint import save_weights
 from causalclipseg.training.trainer import TrainConfig, train
 

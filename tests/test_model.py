@@ -185,6 +185,16 @@ def test_bad_text_raises():
         model(image, torch.ones(2, 40, dtype=torch.long))
 
 
+def test_text_as_a_list_and_no_text_as_the_empty_prompt():
+    """How MONAI's bundle tools call a network: token ids as a plain list, or the image alone."""
+    model = create_model("tiny")
+    image = torch.randn(2, 3, 64, 64)
+    tokens = model.tokenize(PROMPT)
+    with torch.no_grad():
+        torch.testing.assert_close(model(image, tokens[0].tolist()), model(image, tokens))
+        torch.testing.assert_close(model(image), model(image, model.tokenize("", allow_empty=True)))
+
+
 @pytest.mark.parametrize("prompt", ["", "   ", "\t\n"])
 def test_empty_prompt_raises(prompt):
     model = create_model("tiny")

@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.slow  # a real MONAI Label server under load
+
 pytest.importorskip("monailabel", reason="MONAI Label is not installed here: pip install -e '.[test,monailabel]'")
 
 import nibabel as nib  # noqa: E402

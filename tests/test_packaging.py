@@ -19,6 +19,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+pytestmark = pytest.mark.slow  # builds the wheel and installs it in fresh virtual environments
+
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "bundle" / "sample_data"
 

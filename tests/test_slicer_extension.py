@@ -588,6 +588,7 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape, side", [((3, 40, 36), "patient"), ((1, 48, 40), "viewer")], ids=["3d", "2d-viewer"])
 def test_local_backend_end_to_end(tmp_path: Path, tiny_checkpoint: Path, shape: tuple[int, int, int],
                                   side: str) -> None:
@@ -608,6 +609,7 @@ def test_local_backend_end_to_end(tmp_path: Path, tiny_checkpoint: Path, shape: 
     assert mask.shape == shape and set(np.unique(mask)) <= {0, 1}
 
 
+@pytest.mark.slow
 def test_local_backend_surfaces_cli_errors(tmp_path: Path) -> None:
     job = prepare_job(tmp_path / "job", SegmentationRequest("lesion", device="cpu", checkpoint=str(tmp_path / "no.pt"),
                                                             model="tiny"), np.zeros((1, 8, 8), np.float32), np.eye(4))

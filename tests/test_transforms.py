@@ -15,8 +15,8 @@ from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from PIL import Image
 
 from causalclipseg.data.pipelines import (
+    SlicePreprocessing,
     get_load_transforms,
-    get_slice_preprocessing,
     get_train_transforms,
     get_val_transforms,
 )
@@ -218,13 +218,13 @@ def test_inference_png_dicom_nifti_agree(tmp_path):
     save_dicom(ds, tmp_path / "x.dcm")
     assert pydicom.dcmread(tmp_path / "x.dcm").pixel_array.shape == (40, 60)
 
-    load, preprocess = LoadSegmentableImaged("image"), get_slice_preprocessing(32)  # what predict and the bundle do
+    load, preprocess = LoadSegmentableImaged("image"), SlicePreprocessing(32)  # what predict and the bundle do
     outs = {}
     for ext in ("png", "dcm", "nii.gz"):
         image = load({"image": str(tmp_path / f"x.{ext}")})["image"]
         image = image[..., 0] if image.ndim == 4 else image  # the NIfTI is a single-slice volume (1, X, Y, 1)
         assert image.shape == (1, 60, 40), ext  # (C, X, Y): x = the picture's columns
-        outs[ext] = preprocess(image)
+        outs[ext] = preprocess(image[None])[0]
         assert outs[ext].shape == (3, 32, 32)
     torch.testing.assert_close(outs["dcm"], outs["png"])
     torch.testing.assert_close(outs["nii.gz"], outs["png"])

@@ -8,8 +8,8 @@ Output contract of :func:`get_train_transforms` and :func:`get_val_transforms` (
 - ``text``: int64 ``(context_length,)`` CLIP token ids;
 - ``prompt``: the prompt string the tokens encode (after laterality swap or prompt transform).
 
-Inference reads a file with :class:`~causalclipseg.io.reader.LoadSegmentableImaged` and preprocesses each slice
-with :func:`get_slice_preprocessing` (the same steps and settings as the tail of these pipelines).
+Inference reads a file with :class:`~causalclipseg.io.reader.LoadSegmentableImaged` and preprocesses batches of
+slices with :class:`SlicePreprocessing` (the same steps and settings as the tail of these pipelines).
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ from monai.transforms import (
     RandAffined,
     RandScaleIntensityd,
     RandShiftIntensityd,
-    RepeatChannel,
     RepeatChanneld,
     Resize,
     Resized,
@@ -42,7 +41,7 @@ from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from .prompts import get_prompt_transform
 from .transforms import Binarized, Grayscale2Dd, PromptTransformd, RandLateralFlipd, TokenizeTextd, check_size
 
-__all__ = ["get_load_transforms", "get_slice_preprocessing", "get_train_transforms", "get_val_transforms"]
+__all__ = ["SlicePreprocessing", "get_load_transforms", "get_train_transforms", "get_val_transforms"]
 
 
 def get_load_transforms(image_size: int = 224, keys: Sequence[str] = ("image", "label")) -> list[Transform]:
@@ -90,21 +89,40 @@ def _finish_transforms(keys: Sequence[str], context_length: int, prompt_transfor
     ]
 
 
-def get_slice_preprocessing(image_size: int = 224) -> Compose:
-    """Array transforms taking one raw grayscale slice ``(1, X, Y)`` to the model input ``(3, S, S)``.
+class SlicePreprocessing(Transform):
+    """A batch of raw grayscale slices ``(N, 1, X, Y)`` to the model input ``(N, 3, S, S)``, on their own device.
 
-    The same steps, with the same settings, as the dictionary pipeline (:func:`get_load_transforms` after
-    reading, then the tail of the training and evaluation transforms): min-max to [0, 1], anti-aliased
-    bilinear resize to ``S x S``, 3 channels, CLIP normalisation. The slice-wise inference network
-    (:class:`causalclipseg.inference.predictor.SliceSegmenter`) applies it to every slice of a volume.
+    The same steps, with the same MONAI transforms and settings, as the dictionary pipeline
+    (:func:`get_load_transforms` after reading, then the tail of the training and evaluation transforms): min-max
+    to [0, 1] per slice, anti-aliased bilinear resize to ``S x S``, 3 channels, CLIP normalisation. The slices of a
+    batch are handled as the channels of one image, so a batch costs one call of each transform, on the device
+    the slices are on. :class:`causalclipseg.inference.inferer.SliceWiseInferer` applies it to every batch of
+    slices of an image or volume.
+
+    Args:
+        image_size: side ``S`` of the square model input.
     """
-    check_size("image_size", image_size, 1)
-    return Compose([
-        ScaleIntensity(minv=0.0, maxv=1.0),
-        Resize(spatial_size=(image_size, image_size), mode="bilinear", anti_aliasing=True),
-        RepeatChannel(repeats=3),
-        NormalizeIntensity(subtrahend=OPENAI_DATASET_MEAN, divisor=OPENAI_DATASET_STD, channel_wise=True),
-    ])
+
+    def __init__(self, image_size: int = 224) -> None:
+        check_size("image_size", image_size, 1)
+        self.image_size = image_size
+        self.scale = ScaleIntensity(minv=0.0, maxv=1.0, channel_wise=True)
+        self.resize = Resize(spatial_size=(image_size, image_size), mode="bilinear", anti_aliasing=True)
+        self.normalize = NormalizeIntensity(subtrahend=OPENAI_DATASET_MEAN, divisor=OPENAI_DATASET_STD,
+                                            channel_wise=True)
+
+    def __call__(self, slices: torch.Tensor) -> torch.Tensor:
+        """``(N, 1, X, Y)`` raw intensities -> float32 ``(N, 3, S, S)``.
+
+        Raises:
+            ValueError: if ``slices`` is not ``(N, 1, X, Y)``.
+        """
+        if slices.ndim != 4 or slices.shape[1] != 1:
+            raise ValueError(f"slices must be (N, 1, X, Y), got shape {tuple(slices.shape)}")
+        x = slices.as_subclass(torch.Tensor)[:, 0].float()  # (N, X, Y): one channel per slice
+        x = self.resize(self.scale(x)).as_subclass(torch.Tensor)  # (N, S, S)
+        x = x[None].repeat(3, 1, 1, 1)  # (3, N, S, S): the model's 3 channels first, slices as a spatial axis
+        return self.normalize(x).as_subclass(torch.Tensor).transpose(0, 1).contiguous()  # (N, 3, S, S)
 
 
 def get_train_transforms(image_size: int = 224, context_length: int = 32, augment: bool = True,

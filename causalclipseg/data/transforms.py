@@ -198,7 +198,7 @@ class RandLateralFlipd(RandFlipd):
     """Mirror image and mask left-right AND swap "left"/"right" in the prompt, drawn once per sample.
 
     Prompts name the patient's side; mirroring the picture moves each lung to the other side of the image, so the
-    words must follow (DESIGN.md section 1). A flip without the swap teaches the model to ignore laterality.
+    words must follow (docs/conventions.md). A flip without the swap teaches the model to ignore laterality.
     Flips spatial axis :data:`LATERAL_AXIS` in MONAI's loading convention; invertible like ``RandFlipd``.
 
     Args:

@@ -1,19 +1,52 @@
-"""Run a model over a loader and score it under both metric protocols; measure what the causal masks do."""
+"""Score a model on a dataset split under both metric protocols; measure what the causal masks do.
+
+The one home of evaluation: ``causalclipseg evaluate``, validation during training, the bundle's ``evaluate.json``,
+the comparison arms and MONAI Label's held-out check all score through :func:`evaluate_model` (and read a split
+through :func:`split_loader`).
+"""
 
 from __future__ import annotations
 
+import json
+import logging
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from monai.data import DataLoader, Dataset
 from torch import nn
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from ..data.datasets import read_dataset
+from ..data.pipelines import get_val_transforms
+from ..factory import DEFAULT_MODEL
+from ..inference.predictor import load_trained_model
+from ..io.writers import atomic_write
 from .metrics import SegmentationScores
 
-__all__ = ["CausalStatistics", "causal_statistics", "evaluate_model"]
+__all__ = ["CausalStatistics", "causal_statistics", "evaluate_checkpoint", "evaluate_model", "split_loader"]
+
+logger = logging.getLogger(__name__)
+
+
+def split_loader(model: nn.Module, data: str | os.PathLike, split: str, batch_size: int = 16,
+                 max_images: int | None = None, prompt_transform: str = "none", mirror: bool = False,
+                 num_workers: int = 0) -> DataLoader:
+    """A dataset split's records for ``model``: captions read in the convention the model learned, images through
+    the validation transforms of training (with a prompt transform, or mirrored with their prompts' sides swapped).
+
+    Raises:
+        FileNotFoundError: if the dataset is missing.
+        ValueError: for an unusable dataset, a split without records or an unknown prompt transform.
+    """
+    records = read_dataset(data, split, prompt_side=model.prompt_side)[:max_images]
+    if not records:
+        raise ValueError(f"dataset {data} has no {split!r} records to evaluate")
+    transforms = get_val_transforms(model.config.image_size, model.tokenizer.context_length, prompt_transform,
+                                    mirror=mirror)
+    return DataLoader(Dataset(records, transforms), batch_size=batch_size, num_workers=num_workers)
 
 
 def _names(batch: dict, size: int) -> list[str]:
@@ -97,3 +130,47 @@ def causal_statistics(model: nn.Module, loader: DataLoader, device: torch.device
                             lesion_to_background=lesion_kept / max(background_kept, 1e-12),
                             confounder_dice=summary.per_image.dice.value,
                             confounder_dataset_dice=summary.dataset_level.dice.value)
+
+
+def evaluate_checkpoint(checkpoint: str | os.PathLike, dataset_dir: str | os.PathLike, split: str = "test",
+                        output_dir: str | os.PathLike | None = None, model_name: str = DEFAULT_MODEL,
+                        batch_size: int = 16, max_images: int | None = None, device: str | torch.device = "auto",
+                        num_workers: int = 0, n_resamples: int = 1000) -> dict[str, float]:
+    """Score weights on a dataset split under both metric protocols with the package's evaluation: ``evaluate.json``'s
+    ``run``, and MONAI Label's comparison of served and fine-tuned weights on held-out pairs.
+
+    The split is read by :func:`split_loader`, and :func:`~causalclipseg.evaluation.evaluate.evaluate_model` scores them
+    (:class:`~causalclipseg.evaluation.metrics.SegmentationScores`: threshold 0.5, the one empty-mask rule). The
+    summary is logged; with ``output_dir``, ``metrics.json`` (both protocols, bootstrap intervals) and the per-image
+    ``scores.csv`` are written there.
+
+    Args:
+        checkpoint: CausalCLIPSeg weights (``models/model.pt``, a run's ``best_model.pt``).
+        dataset_dir: a dataset root or a MONAI datalist JSON (any layout :func:`~causalclipseg.data.datasets.
+            read_dataset` reads).
+        split: ``train``, ``valid`` or ``test``.
+        output_dir: where to write the files; ``None`` to only log.
+        model_name: the weights' variant.
+        batch_size: images per forward pass.
+        max_images: score only the first N images.
+        device: ``auto``, ``cpu``, ``cuda`` ... or a ``torch.device``.
+        num_workers: data-loader worker processes.
+        n_resamples: bootstrap resamples for the intervals (0: none).
+
+    Returns:
+        the flat summary (``per_image/dice``, ``dataset_level/dice``, ... and ``n_images``).
+
+    Raises:
+        FileNotFoundError: if the checkpoint or the dataset is missing.
+        ValueError: for an unusable checkpoint, device or dataset, or a split without records.
+    """
+    model = load_trained_model(model_name, checkpoint, device=str(device))
+    loader = split_loader(model, dataset_dir, split, batch_size, max_images, num_workers=num_workers)
+    scores = evaluate_model(model, loader, next(model.parameters()).device)
+    summary = scores.summary(n_resamples=n_resamples)
+    logger.info("evaluation of %s on the %s split of %s: %s", checkpoint, split, dataset_dir, summary)
+    if output_dir is not None:
+        out = Path(output_dir)
+        atomic_write(out / "metrics.json", lambda tmp: Path(tmp).write_text(json.dumps(summary.to_dict(), indent=2)))
+        atomic_write(out / "scores.csv", scores.to_csv)
+    return summary.to_dict()

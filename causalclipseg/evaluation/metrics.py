@@ -1,4 +1,4 @@
-"""Dice and IoU under both protocols of the text-guided segmentation literature, always named (DESIGN.md section 4).
+"""Dice and IoU under both protocols of the text-guided segmentation literature, always named (docs/metrics.md).
 
 ``per_image``
     Dice and IoU computed on each image at threshold 0.5, then averaged over images. The protocol of LViT,

@@ -22,11 +22,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from monai.data import DataLoader, Dataset
+from monai.data import DataLoader
 
-from ..data.datasets import read_dataset
-from ..data.pipelines import get_val_transforms
-from ..evaluation.evaluate import causal_statistics, evaluate_model
+from ..evaluation.evaluate import causal_statistics, evaluate_model, split_loader
 from ..factory import resolve_device
 from ..inference.predictor import load_trained_model
 from ..training.trainer import TrainConfig, train
@@ -84,12 +82,10 @@ def _extra_metrics(cfg: TrainConfig, epoch: int) -> dict[str, float]:
         return {k: v for k, v in json.loads(cache.read_text()).items() if k != "epoch"}
     model = load_trained_model(cfg.model, out / "best_model.pt", device=cfg.device)
     device = resolve_device(cfg.device)
-    records = read_dataset(cfg.data, cfg.val_split, prompt_side=model.prompt_side)[: cfg.max_val]
-    size, context = model.config.image_size, model.tokenizer.context_length
 
     def loader(mirror: bool) -> DataLoader:
-        transforms = get_val_transforms(size, context, cfg.prompt_transform, mirror=mirror)
-        return DataLoader(Dataset(records, transforms), batch_size=cfg.batch_size, num_workers=cfg.num_workers)
+        return split_loader(model, cfg.data, cfg.val_split, cfg.batch_size, cfg.max_val, cfg.prompt_transform,
+                            mirror=mirror, num_workers=cfg.num_workers)
 
     mirrored = evaluate_model(model, loader(True), device).summary(n_resamples=0)
     extra = {"mirrored/per_image/dice": mirrored.per_image.dice.value,

@@ -17,12 +17,15 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 import torch
-from monai.data import NibabelWriter, PILWriter
-from monai.transforms import MapTransform, SaveImage
+from monai.data import NibabelWriter
+from monai.transforms import MapTransform
 from monai.utils import ImageMetaKey
 from PIL import Image
 
-__all__ = ["GridNibabelWriter", "SaveMaskd", "atomic_write", "mask_like_nifti", "overlay"]
+from .inputs import PICTURE_SUFFIXES, file_suffix
+
+__all__ = ["GridNibabelWriter", "SaveMaskd", "atomic_write", "mask_files", "mask_like_nifti", "overlay",
+           "write_mask"]
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +57,7 @@ class GridNibabelWriter(NibabelWriter):
 
     MONAI's ``NibabelWriter`` runs an identity resampling even then, through a 2-D affine for 2-D data: it fails
     for a slice whose plane is not axial (sagittal or coronal DICOM) and for 2-D data given as a bare array. Used
-    by :meth:`Predictor.write` and by the bundle's ``SaveMaskd`` (as ``SaveImage``'s writer).
+    by :func:`write_mask` for inputs other than NIfTI.
     """
 
     def set_metadata(self, meta_dict: dict | None, resample: bool = True, **options: Any) -> None:
@@ -68,51 +71,99 @@ class GridNibabelWriter(NibabelWriter):
         self.affine = affine
 
 
-class _AtomicNiftiWriter(GridNibabelWriter):
-    """The NIfTI mask writer, writing through a temporary file renamed into place (never a half-written mask)."""
+def mask_files(source: str | os.PathLike, output_dir: str | os.PathLike, suffixes: Sequence[str] | None = None,
+               postfix: str = "mask") -> list[Path]:
+    """Where the masks of ``source`` go: ``<output_dir>/<input name without suffix>_<postfix><suffix>`` per suffix.
 
-    def write(self, filename: str | os.PathLike, verbose: bool = False, **kwargs: Any) -> None:
-        atomic_write(filename, lambda tmp: super(_AtomicNiftiWriter, self).write(tmp, verbose=verbose, **kwargs))
+    ``suffixes`` ``None`` is the package's default: ``.png`` for pictures (PNG, JPEG, BMP, TIFF), ``.nii.gz`` for
+    DICOM, NIfTI and NRRD inputs.
+    """
+    source = Path(source)
+    suffix = file_suffix(source)
+    stem = source.name[: -len(suffix)] if suffix else source.name
+    if suffixes is None:
+        suffixes = [".png" if suffix in PICTURE_SUFFIXES else ".nii.gz"]
+    return [Path(output_dir) / f"{stem}_{postfix}{ext}" for ext in suffixes]
 
 
-class _AtomicPNGWriter(PILWriter):
-    """MONAI's PNG writer, writing through a temporary file renamed into place."""
+def write_mask(mask: np.ndarray, meta: Mapping[str, Any], target: str | os.PathLike, png_scale: int = 255) -> Path:
+    """Write ``mask`` ``(X, Y[, Z])`` (MONAI's axis order, on the input's grid) atomically, in ``target``'s format.
 
-    def write(self, filename: str | os.PathLike, verbose: bool = False, **kwargs: Any) -> None:
-        atomic_write(filename, lambda tmp: super(_AtomicPNGWriter, self).write(tmp, verbose=verbose, **kwargs))
+    ``.png``: 2-D masks only, the picture's rows and columns, values 0 and ``png_scale``. ``.nii``/``.nii.gz``: a
+    NIfTI input's own header and affine (:func:`mask_like_nifti`), else the affine MONAI read (``meta["affine"]``,
+    direction and spacing included), through :class:`GridNibabelWriter`; values 0 and 1, uint8.
+
+    Raises:
+        ValueError: for another format, or a PNG of a volume.
+    """
+    target = Path(target)
+    data = np.asarray(mask).astype(np.uint8)
+    source = meta.get(ImageMetaKey.FILENAME_OR_OBJ)
+    ext = file_suffix(target)
+    if ext == ".png":
+        if data.ndim != 2:
+            raise ValueError(f"a PNG holds a 2-D mask; the mask of {source} is {data.ndim}-D {data.shape}: write "
+                             f".nii.gz")
+        picture = Image.fromarray((data.T * png_scale).astype(np.uint8))  # (X, Y) -> rows x columns
+        return atomic_write(target, lambda tmp: picture.save(tmp, format="PNG"))
+    if ext not in (".nii", ".nii.gz"):
+        raise ValueError(f"mask file {target} must end in .png, .nii or .nii.gz")
+    if source is not None and file_suffix(source) in (".nii", ".nii.gz"):
+        image = mask_like_nifti(source, data)
+        return atomic_write(target, lambda tmp: nib.save(image, tmp))
+    writer = GridNibabelWriter(output_dtype=np.uint8)
+    writer.set_data_array(data[None], channel_dim=0)
+    writer.set_metadata(dict(meta), resample=False)
+    return atomic_write(target, lambda tmp: writer.write(tmp, verbose=False))
 
 
 class SaveMaskd(MapTransform):
-    """Write each mask on its input's grid, named ``<input stem>_mask``: NIfTI always, PNG (0/255) for 2-D inputs.
+    """Write each mask on its input's grid into ``output_dir`` as ``<input name>_mask<suffix>``
+    (:func:`mask_files`, :func:`write_mask`): the one mask writer of ``predict``, the bundle and MONAI Label.
 
-    The mask carries the input's metadata (MONAI's ``affine`` and file name), and nothing was resampled, so the
-    NIfTI has the input's shape and affine (direction and spacing included); the PNG has the input picture's
-    rows and columns. Each file is written to a temporary name and renamed into place, so a failure never leaves
-    a half-written mask.
+    The mask carries the input's metadata (file name, MONAI's ``affine``) and nothing was resampled, so a NIfTI mask
+    has the input's shape and geometry and a PNG the input picture's rows and columns. Each file is written to a
+    temporary name and renamed into place, so a failure never leaves a half-written mask.
 
     Args:
         keys: the mask key, ``(1, X, Y[, Z])`` in {0, 1}.
         output_dir: the folder, created if missing.
-        png_for_2d: also write a PNG for 2-D masks.
+        suffixes: the formats to write; ``None``: PNG for pictures, NIfTI otherwise. A ``.png`` is skipped for
+            volumes.
+        png_scale: the PNG's lesion value (255 to view it, 1 for a label map).
+        overwrite: replace existing files; otherwise an existing file is refused before anything is written.
+
+    Raises:
+        FileExistsError: if a mask file exists and ``overwrite`` is false.
+        ValueError: as :func:`write_mask`.
     """
 
     def __init__(self, keys: str | Sequence[str] = "pred", output_dir: str | os.PathLike = "eval",
-                 png_for_2d: bool = True, allow_missing_keys: bool = False) -> None:
+                 suffixes: Sequence[str] | None = None, png_scale: int = 255, overwrite: bool = True,
+                 allow_missing_keys: bool = False) -> None:
         super().__init__(keys, allow_missing_keys)
-        common = {"output_dir": str(output_dir), "output_postfix": "mask", "separate_folder": False,
-                  "print_log": False, "resample": False}
-        self.nifti = SaveImage(output_ext=".nii.gz", output_dtype=np.uint8, writer=_AtomicNiftiWriter, **common)
-        self.png = (SaveImage(output_ext=".png", output_dtype=np.uint8, scale=255, writer=_AtomicPNGWriter, **common)
-                    if png_for_2d else None)
+        self.output_dir, self.suffixes = Path(output_dir), None if suffixes is None else list(suffixes)
+        self.png_scale, self.overwrite = png_scale, overwrite
+
+    def targets(self, mask: torch.Tensor) -> list[Path]:
+        """The files :meth:`__call__` writes for ``mask`` (a PNG only for 2-D masks)."""
+        source = mask.meta[ImageMetaKey.FILENAME_OR_OBJ]
+        files = mask_files(source, self.output_dir, self.suffixes)
+        return [f for f in files if f.suffix != ".png" or mask.ndim == 3]
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         for key in self.key_iterator(d):
             mask = d[key]
-            self.nifti(mask.to(torch.uint8))
-            if self.png is not None and mask.ndim == 3:
-                self.png(mask.float())
-            logger.info("wrote the mask of %s", mask.meta.get(ImageMetaKey.FILENAME_OR_OBJ))
+            targets = self.targets(mask)
+            for target in targets:
+                if target.exists() and not self.overwrite:
+                    raise FileExistsError(f"output {target} exists; pass --overwrite to replace it")
+            array = mask[0].detach().cpu().numpy()
+            for target in targets:
+                write_mask(array, mask.meta, target, self.png_scale)
+            logger.info("wrote the mask of %s: %s", mask.meta.get(ImageMetaKey.FILENAME_OR_OBJ),
+                        ", ".join(map(str, targets)))
         return d
 
 

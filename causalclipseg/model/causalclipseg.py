@@ -120,13 +120,19 @@ class CausalCLIPSeg(PromptSideRecord, nn.Module):
         """The CLIP towers, which train at a lower learning rate than the rest."""
         return [self.image_encoder, self.text_encoder]
 
-    def _check_inputs(self, image: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _check_inputs(self, image: torch.Tensor,
+                      text: torch.Tensor | Sequence[int] | None) -> tuple[torch.Tensor, torch.Tensor]:
         if not isinstance(image, torch.Tensor) or image.ndim != 4:
             raise ValueError(f"image must be a (B, C, H, W) tensor, got {getattr(image, 'shape', type(image))}")
         if image.shape[1] not in (1, 3):
             raise ValueError(f"image must have 1 or 3 channels, got {image.shape[1]} (shape {tuple(image.shape)})")
         if image.shape[2] % 32 or image.shape[3] % 32:
             raise ValueError(f"image height and width must be divisible by 32, got {tuple(image.shape[2:])}")
+        if text is None:
+            text = self.tokenize("", allow_empty=True).to(image.device)
+        if isinstance(text, (list, tuple)):  # token ids as a plain list, as MONAI's bundle tools pass them
+            text = torch.as_tensor(text, dtype=torch.int64, device=image.device)
+            text = text[None] if text.ndim == 1 else text
         if not isinstance(text, torch.Tensor) or text.ndim != 2 or text.dtype not in (torch.int64, torch.int32):
             raise TypeError("text must be a (B, L) integer tensor of token ids (use model.tokenize), got "
                             f"{getattr(text, 'shape', type(text))} {getattr(text, 'dtype', '')}")
@@ -149,12 +155,14 @@ class CausalCLIPSeg(PromptSideRecord, nn.Module):
         logits = projector(self.decoder(levels, text), levels[0], text.sentence)
         return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
 
-    def forward(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    def forward(self, image: torch.Tensor, text: torch.Tensor | Sequence[int] | None = None) -> torch.Tensor:
         """Segment.
 
         Args:
             image: (B, C, H, W), C = 1 or 3, H and W multiples of 32, normalised as CLIP expects.
-            text: (B, L) or (1, L) token ids from :meth:`tokenize`; a batch of 1 is broadcast to B.
+            text: (B, L) or (1, L) token ids from :meth:`tokenize` (a plain list of ids is taken too); a batch of 1
+                is broadcast to B. ``None`` is the empty prompt: what the model predicts with no description (how
+                generic tools such as MONAI's ``verify_net_in_out`` call a network; not a way to segment).
 
         Returns:
             logits (B, 1, H, W) of the causal prediction.

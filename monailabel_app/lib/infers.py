@@ -1,22 +1,24 @@
 """The infer task: the MONAI bundle in ``bundle/`` served by MONAI Label, with the prompt set per request.
 
 MONAI Label's ``BundleInferTask`` reads the bundle (``configs/inference.json``, ``configs/metadata.json``,
-``models/model.pt``) and builds its ``network_def`` (:class:`causalclipseg.bundle.BundleNetwork`). This task keeps
-that and changes what a per-request prompt needs:
+``models/model.pt``) and builds its ``network_def`` (the CausalCLIPSeg model). The bundle declares the package's one
+inference path (:mod:`causalclipseg.inference.predictor`); this task runs it with what a per-request prompt needs:
 
 - the request's ``prompt`` (default: the bundle's) and ``prompt_side`` (``patient``, the default: "left" is the
   patient's left; or ``viewer``) are checked by the first pre-transform (:class:`PromptTokensd`); the image path
   goes through the input policy every front door shares (:func:`causalclipseg.io.inputs.list_inputs`: one file or
-  one DICOM series); the bundle's ``preprocessing`` (``LoadSegmentableImaged``, ``DisplayOrientationd``) then reads
-  it and brings it to display orientation; an empty prompt or an unreadable image is a
+  one DICOM series); the bundle's ``preprocessing`` (``LoadSegmentableImaged``, ``WarnUnverifiableSided``,
+  ``DisplayOrientationd``; not its ``ModelTokensd``, see below) then reads it and brings it to display orientation;
+  an empty prompt or an unreadable image is a
   :class:`~lib.common.BadRequestError` (HTTP 400);
-- the bundle's ``inferer`` (:class:`~causalclipseg.inference.predictor.SliceWiseInferer`: 2-D in one call, volumes
-  slice by slice) runs the network with the request's tokens bound by ``functools.partial`` (MONAI's slice inferer
-  drops extra forward arguments): the prompt translated to the served weights' laterality convention; the network
-  is shared between requests, so no per-request state is stored in it;
+- the bundle's ``inferer`` (:class:`~causalclipseg.inference.inferer.SliceWiseInferer`: batches of slices
+  preprocessed on the request's device) runs the served model with the request's tokens bound by
+  ``functools.partial`` (MONAI Label calls ``inferer(inputs, network)``): the prompt translated to the served
+  weights' laterality convention; the network is shared between requests, so no per-request state is stored in it;
 - the bundle's ``postprocessing`` (back to the input's grid, sigmoid, threshold; its file writer left out) runs
   with the request's
-  ``threshold``; the label is written on the request image's grid (:meth:`TextPromptSegmentation.writer`) in the
+  ``threshold``; the label is written on the request image's grid (:meth:`TextPromptSegmentation.writer`, with the
+  package's :func:`~causalclipseg.io.writers.write_mask`) in the
   app's own folder, never in the system temp folder: MONAI Label's client saves a result as ``<its temp
   folder>/<the server's file name>`` and the ``/infer`` endpoint deletes the server's file after answering, so with
   a local client (both in the system temp folder) that clean-up would delete the user's copy.
@@ -36,7 +38,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import nibabel as nib
 import numpy as np
 import torch
 from monai.transforms import AsDiscreted, Compose, SaveImaged
@@ -44,13 +45,13 @@ from monailabel.interfaces.exception import MONAILabelError, MONAILabelException
 from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel.tasks.infer.bundle import BundleInferTask
 from monailabel.utils.others.generic import device_map, name_to_device, strtobool
-from PIL import Image
 
 from causalclipseg.data.prompts import check_prompt_side
 from causalclipseg.factory import load_state_dict
-from causalclipseg.inference.predictor import model_tokens
+from causalclipseg.inference.predictor import inference_ready
+from causalclipseg.inference.prompts import ModelTokensd, model_tokens
 from causalclipseg.io.inputs import PICTURE_SUFFIXES, file_suffix, list_inputs
-from causalclipseg.io.writers import SaveMaskd, mask_like_nifti
+from causalclipseg.io.writers import SaveMaskd, write_mask
 from causalclipseg.tokenizer import validate_prompt
 
 from .common import BadRequestError, describe_source
@@ -185,17 +186,20 @@ class TextPromptSegmentation(BundleInferTask):
         self.path = [str(w) for w in weights]
         self._config.pop("model_filename", None)  # MONAI Label's per-request file choice would bypass self.path
         default_prompt = prompt if prompt is not None else self.bundle_config.get_parsed_content("prompt_text")
-        PromptTokensd(self.network.model.tokenize)({"prompt": default_prompt, "threshold": 0.5})  # fail at start
+        PromptTokensd(self.network.tokenize)({"prompt": default_prompt, "threshold": 0.5})  # fail at start
         self._config.update({"prompt": default_prompt, "prompt_side": ["patient", "viewer"],
                              "threshold": float(self.bundle_config["threshold"])})
 
         parsed = self.bundle_config.get_parsed_content
         pre = parsed(self.const.key_preprocessing()[0])
         post = parsed(self.const.key_postprocessing()[0])
-        self._pre = list(pre.transforms) if isinstance(pre, Compose) else list(pre)
+        # the request's tokens are bound to the served weights in _get_network, not made by the bundle's ModelTokensd
+        pre = pre.transforms if isinstance(pre, Compose) else pre
+        self._pre = [t for t in pre if not isinstance(t, ModelTokensd)]
         post = list(post.transforms) if isinstance(post, Compose) else list(post)
         self._post = [t for t in post if not isinstance(t, (SaveImaged, SaveMaskd))]  # the task writes the label
         self._inferer = parsed(self.const.key_inferer()[0])
+        self._inferer.device = None  # slices go where MONAI Label put the request's input: the request's device
         self._lock = threading.Lock()
         if preload:
             for device in device_map().values():
@@ -221,7 +225,7 @@ class TextPromptSegmentation(BundleInferTask):
         return super().__call__(request, callbacks)
 
     def pre_transforms(self, data=None) -> Sequence[Callable]:
-        return [PromptTokensd(self.network.model.tokenize), _RequestImaged(self._pre)]
+        return [PromptTokensd(self.network.tokenize), _RequestImaged(self._pre)]
 
     def inferer(self, data=None):
         return self._inferer
@@ -237,7 +241,7 @@ class TextPromptSegmentation(BundleInferTask):
             if cached is None or cached[1] != stamp:
                 network = copy.deepcopy(self.network)
                 network.load_state_dict(load_state_dict(path))  # safetensors or torch files, checked
-                network.to(torch.device(device)).eval()
+                network = inference_ready(network, torch.device(device))
                 self._networks[device] = (network, stamp)
                 logger.info("serving weights %s on %s", path, device)
             return self._networks[device][0], path
@@ -247,7 +251,7 @@ class TextPromptSegmentation(BundleInferTask):
         translated to the laterality convention of the weights served (a fine-tuned file records its own)."""
         network, path = self._network(device)
         data["weights"] = os.path.basename(path)
-        tokens = model_tokens(network.model, data["prompt"], data["prompt_side"])
+        tokens = model_tokens(network, data["prompt"], data["prompt_side"])
         return functools.partial(network, text=tokens.to(torch.device(device)))
 
     def post_transforms(self, data=None) -> Sequence[Callable]:
@@ -284,16 +288,13 @@ class TextPromptSegmentation(BundleInferTask):
         fd, target = tempfile.mkstemp(suffix=ext, prefix="causalclipseg_label_", dir=self.label_dir)
         os.close(fd)
         try:
-            if ext == ".png":
-                Image.fromarray(mask.T).save(target, format="PNG")  # (X, Y) -> rows x columns
-            elif file_suffix(source) in (".nii", ".nii.gz") and ext in (".nii", ".nii.gz"):
-                nib.save(mask_like_nifti(source, mask), target)
-            elif ext == ".nrrd":
+            if ext == ".nrrd":
                 from monailabel.transform.writer import write_itk
 
                 write_itk(mask if mask.ndim == 3 else mask[..., None], target, _affine_4x4(image), np.uint8, True)
-            else:
-                nib.save(nib.Nifti1Image(mask, _affine_4x4(image)), target)
+            else:  # the package's writer: PNG rows x columns, NIfTI with a NIfTI input's own header or the affine read
+                write_mask(mask, {**getattr(image, "meta", {}), "filename_or_obj": source, "affine":
+                                  torch.as_tensor(_affine_4x4(image))}, target, png_scale=1)
         except BaseException:
             Path(target).unlink(missing_ok=True)
             raise

@@ -1,11 +1,18 @@
 """The train task: fine-tune the served weights on the labels saved in the datastore (the active-learning loop).
 
-Each run reads the images with a ``final`` label from the datastore, writes a MONAI datalist JSON of 2-D image and
+Each run reads the images with a ``final`` label from the datastore and writes a MONAI datalist JSON of 2-D image and
 label pairs as the model sees them (read as inference reads them, DICOM as a viewer shows it, in display
-orientation; volumes as their slices), and runs the package's training engine
-(:func:`causalclipseg.training.trainer.train`, the adversarial min-max step, validation, atomic checkpoints) starting
-from the weights the infer task serves. The best validated weights are then published atomically to
-``<model_dir>/causalclipseg_finetuned.pt``, which the infer task serves from its next request on.
+orientation; volumes as their slices). A share of the labelled images (``val_fraction``, at least one) is held out:
+its pairs are the validation split, the rest are learnt from; with fewer than ``min_labels`` usable labelled images
+the task refuses, saying so. The images held out are the first ones in the order of a hash of their ids, so that
+mostly the same images stay held out as labels accumulate. The package's one trainer
+(:func:`causalclipseg.training.trainer.train`: the min-max step, validation on the held-out pairs, atomic
+checkpoints) starts from the weights the infer task serves. Then the served weights and the new best are both
+scored on the held-out pairs with the package's evaluation
+(:func:`causalclipseg.evaluation.evaluate.evaluate_checkpoint`); the new weights are published atomically to
+``<model_dir>/causalclipseg_finetuned.pt``, which the infer task serves from its next request on, only when their
+per-image Dice is higher; otherwise the served weights stay. Both scores and the decision are in the task's result
+and ``stats``.
 
 Labels saved from Slicer carry no text. The prompt of a record is, in order: ``prompt`` in the label's info (the
 ``params`` of ``PUT /datastore/label``), ``params.prompt`` there (labels saved by an inference with ``save_label``),
@@ -16,6 +23,7 @@ engine translates them to the served model's convention.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -33,6 +41,7 @@ from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
 from monailabel.interfaces.tasks.train import TrainTask
 
 from causalclipseg.data.prompts import check_prompt_side, to_model_side
+from causalclipseg.evaluation.evaluate import evaluate_checkpoint
 from causalclipseg.io.formats import error_reason
 from causalclipseg.io.orientation import GEOMETRY_KEY, DisplayOrientation
 from causalclipseg.io.reader import LoadSegmentableImaged
@@ -133,12 +142,19 @@ def _number(request: dict, key: str, kind: type, minimum: float, maximum: float 
     return number
 
 
-class FineTuneFromDatastore(TrainTask):
-    """Fine-tunes the served weights on the datastore's ``final`` labels and publishes the best validated weights.
+def _held_out_first(record: dict) -> str:
+    """Sort key of the hold-out: a hash of the image id (stable across runs, unrelated to names or order)."""
+    return hashlib.sha256(record["id"].encode("utf-8")).hexdigest()
 
-    Config (``/info``, settable per request): ``max_epochs``, ``batch_size``, ``lr``, ``max_train`` (0: all),
-    ``val_fraction`` (held out when there are 5+ records; with fewer, validation uses the training records),
-    ``prompt`` (for labels without text), ``device`` (``auto``, ``cpu``, ``cuda``), ``augment``, ``seed``.
+
+class FineTuneFromDatastore(TrainTask):
+    """Fine-tunes the served weights on the datastore's ``final`` labels; publishes them only when they beat the
+    served weights on held-out labelled images.
+
+    Config (``/info``, settable per request): ``max_epochs``, ``batch_size``, ``lr``, ``max_train`` (learn from at
+    most N labelled images; 0: all), ``val_fraction`` (share of the labelled images held out, at least one),
+    ``min_labels`` (fewer usable labelled images: refused), ``prompt`` (for labels without text), ``device``
+    (``auto``, ``cpu``, ``cuda``), ``augment``, ``seed``.
 
     Args:
         infer_task: the infer task; training starts from the weights it serves (``get_path()``).
@@ -151,13 +167,14 @@ class FineTuneFromDatastore(TrainTask):
     def __init__(self, infer_task: Any, model_dir: str | os.PathLike, published: str | os.PathLike,
                  model_name: str, default_prompt: str) -> None:
         super().__init__("Fine-tune CausalCLIPSeg on the labels saved in the datastore (labels without text get "
-                         "the configured prompt)")
+                         "the configured prompt); the new weights are served only if they beat the served ones on "
+                         "held-out labelled images")
         self.infer_task = infer_task
         self.model_dir = Path(model_dir)
         self.published = Path(published)
         self.model_name = model_name
         self._config = {"max_epochs": 5, "batch_size": 4, "lr": 1e-4, "max_train": 0, "val_fraction": 0.2,
-                        "prompt": default_prompt, "device": "auto", "augment": True, "seed": 0}
+                        "min_labels": 4, "prompt": default_prompt, "device": "auto", "augment": True, "seed": 0}
 
     def config(self) -> dict:
         return dict(self._config)
@@ -176,6 +193,7 @@ class FineTuneFromDatastore(TrainTask):
         lr = _number(req, "lr", float, 1e-12, 1.0)
         max_train = _number(req, "max_train", int, 0)
         val_fraction = _number(req, "val_fraction", float, 0.0, 0.9)
+        min_labels = _number(req, "min_labels", int, 2)
         seed = _number(req, "seed", int, 0)
         prompt = req["prompt"]
         if not isinstance(prompt, str) or not prompt.strip():
@@ -189,45 +207,68 @@ class FineTuneFromDatastore(TrainTask):
         records = datastore_records(datastore, prompt.strip())
         if not records:
             raise BadRequestError("no image in the datastore has a final label: save one (e.g. from Slicer) first")
-        pairs, skipped = [], []
-        for record in records[: max_train or None]:
+        usable, skipped = [], []
+        for record in records:
             try:
-                pairs.append(_as_training_pairs(record, run_dir / "slices"))
+                usable.append((record, _as_training_pairs(record, run_dir / "slices")))
             except ValueError as err:
                 skipped.append(f"{record['id']}: {err}")
                 logger.warning("skipping %s: %s", record["id"], err)
-        pairs = [p for group in pairs for p in group]
-        if not pairs:
-            raise BadRequestError(f"none of the {len(records)} labelled images can be used: {'; '.join(skipped)}")
-        n_val = int(round(len(pairs) * val_fraction)) if len(pairs) >= 5 else 0
-        validation = pairs[len(pairs) - n_val:] if n_val else pairs
-        training = pairs[: len(pairs) - n_val]
+        if len(usable) < min_labels:
+            shutil.rmtree(run_dir, ignore_errors=True)
+            unreadable = f" ({len(skipped)} more cannot be read: {'; '.join(skipped)})" if skipped else ""
+            raise BadRequestError(f"the datastore holds {len(usable)} usable labelled images{unreadable}; fine-tuning "
+                                  f"needs min_labels {min_labels}, some to learn from and some held out to check the "
+                                  "new weights against the served ones: save more final labels, or lower min_labels "
+                                  "(at least 2)")
+        usable.sort(key=lambda item: _held_out_first(item[0]))
+        n_val = min(max(1, round(len(usable) * val_fraction)), len(usable) - 1)
+        held_out, learn = usable[:n_val], usable[n_val:][: max_train or None]
+        training = [pair for _, pairs in learn for pair in pairs]
+        validation = [pair for _, pairs in held_out for pair in pairs]
         datalist = run_dir / "datalist.json"
-        datalist.parent.mkdir(parents=True, exist_ok=True)
         datalist.write_text(json.dumps({"prompt_side": "patient", "training": training, "validation": validation},
                                        indent=2))
 
         init = self.infer_task.get_path()
+        device = str(req["device"])
         cfg = TrainConfig(data=str(datalist), output_dir=str(run_dir / "train"), model=self.model_name,
                           init_checkpoint=init, epochs=epochs, batch_size=batch_size, lr=lr, encoder_lr_scale=1.0,
-                          warmup_iterations=0, augment=augment, seed=seed, device=str(req["device"]),
-                          progress=False, cache=True, num_workers=0)
-        logger.info("fine-tuning %s from %s on %d images/slices (%d validation) from %d labelled images",
-                    self.model_name, init, len(training), len(validation), len(records))
+                          warmup_iterations=0, augment=augment, seed=seed, device=device, progress=False, cache=True,
+                          num_workers=0)
+        logger.info("fine-tuning %s from %s on %d images/slices of %d labelled images; %d held out (%d images/slices)",
+                    self.model_name, init, len(training), len(learn), len(held_out), len(validation))
         try:
             best = train(cfg)
+            new_weights = Path(cfg.output_dir) / "best_model.pt"
+            scores = {name: evaluate_checkpoint(weights, datalist, "valid", model_name=self.model_name,
+                                                batch_size=batch_size, device=device, n_resamples=0)
+                      for name, weights in (("served", init), ("fine_tuned", new_weights))}
         except ValueError as err:
             raise BadRequestError(f"training cannot run: {err}") from err
-        best_model = Path(cfg.output_dir) / "best_model.pt"
-        atomic_write(self.published, lambda tmp: shutil.copyfile(best_model, tmp))
+        served, fine_tuned = (scores[k]["per_image/dice"] for k in ("served", "fine_tuned"))
+        better = fine_tuned > served
+        if better:
+            atomic_write(self.published, lambda tmp: shutil.copyfile(new_weights, tmp))
+            result = (f"published {self.published.name}: per-image Dice {fine_tuned:.4f} on the {len(held_out)} "
+                      f"held-out labelled images, the served weights {served:.4f}")
+        else:
+            result = (f"kept serving {Path(init).name}: the fine-tuned weights scored per-image Dice {fine_tuned:.4f} "
+                      f"on the {len(held_out)} held-out labelled images, the served ones {served:.4f}")
         stats = {
-            "published": str(self.published),
+            "result": result,
+            "published": str(self.published) if better else None,
+            "serving": str(self.published) if better else init,
             "started_from": init,
             "run_dir": str(run_dir),
             "labelled_images": len(records),
+            "training_images": len(learn),
+            "held_out_images": [record["id"] for record, _ in held_out],
             "training_items": len(training),
             "validation_items": len(validation),
-            "validation_is_training": n_val == 0,
+            "held_out_scores": {name: {k: summary[k] for k in ("n_images", "per_image/dice", "per_image/iou",
+                                                               "dataset_level/dice", "dataset_level/iou")}
+                                for name, summary in scores.items()},
             "prompts_from": {k: sum(r["prompt_from"] == k for r in records)
                              for k in ("label info", "label params", "image info", "default")},
             "skipped": skipped,
@@ -237,5 +278,5 @@ class FineTuneFromDatastore(TrainTask):
             "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
         }
         atomic_write(self.model_dir / "train_stats.json", lambda tmp: Path(tmp).write_text(json.dumps(stats, indent=2)))
-        logger.info("published %s (validation per-image Dice %.4f)", self.published, best.get("per_image/dice", -1))
+        logger.info("%s", result)
         return stats
