@@ -61,6 +61,10 @@ def predict_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--output-dir", default="causalclipseg_output", help="folder for masks and overlays")
     parser.add_argument("--threshold", type=float, default=0.5, help="probability above which a pixel is lesion")
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    parser.add_argument("--explain", action="store_true",
+                        help="also write <name>_probability.nii.gz (the lesion probability) and "
+                             "<name>_causal_mask.nii.gz (what the causal module kept, averaged over its levels), "
+                             "float32 in [0, 1] on the input's grid")
     _model_args(parser)
     args = parser.parse_args(argv)
     from tqdm import tqdm
@@ -73,6 +77,8 @@ def predict_main(argv: Sequence[str] | None = None) -> int:
         predictor = Predictor(args.model, args.checkpoint, device=args.device, threshold=args.threshold,
                               prompt_side=args.prompt_side)
         model_tokens(predictor.model, text, args.prompt_side)
+        if args.explain:
+            predictor.check_explainable()
     except USER_ERRORS as err:
         return _fail(str(err))
     files, failures = [], 0
@@ -85,7 +91,8 @@ def predict_main(argv: Sequence[str] | None = None) -> int:
     # the bar only on a terminal: redirected, stderr holds nothing but the one-line errors
     for path in tqdm(files, desc="predict", disable=len(files) < 2 or not sys.stderr.isatty()):
         try:
-            written = predictor.write(predictor.predict(path, text), args.output_dir, overwrite=args.overwrite)
+            written = predictor.write(predictor.predict(path, text, explain=args.explain), args.output_dir,
+                                      overwrite=args.overwrite)
         except USER_ERRORS as err:
             failures += 1
             _fail(str(err) if str(path) in str(err) else f"{path}: {err}")

@@ -36,7 +36,7 @@ from ..data.prompts import check_prompt_side
 from ..factory import DEFAULT_CHECKPOINT, DEFAULT_MODEL, create_model, resolve_device
 from ..io.orientation import DisplayOrientationd
 from ..io.reader import LoadSegmentableImaged
-from ..io.writers import atomic_write, mask_files, overlay, write_mask
+from ..io.writers import atomic_write, mask_files, overlay, write_mask, write_nifti
 from ..model.causalclipseg import CausalCLIPSeg
 from .inferer import SliceWiseInferer
 from .prompts import WarnUnverifiableSided, model_tokens
@@ -85,8 +85,10 @@ def inference_preprocessing(prompt: str | None = None) -> Compose:
 
 def inference_postprocessing(preprocessing: Compose, threshold: float | None = None) -> Compose:
     """Logits ``pred`` in display orientation -> probabilities (or, with ``threshold``, a {0, 1} mask) on the
-    input's grid. The bundle's ``postprocessing`` declares the same transforms, then its writer."""
-    steps: list[Callable] = [Invertd("pred", transform=preprocessing, orig_keys="image", nearest_interp=False),
+    input's grid; an explanation map under ``causal_mask``, when present, back to the input's grid too. The
+    bundle's ``postprocessing`` declares the same transforms, then its writer."""
+    steps: list[Callable] = [Invertd(["pred", "causal_mask"], transform=preprocessing, orig_keys="image",
+                                     nearest_interp=False, allow_missing_keys=True),
                              Activationsd("pred", sigmoid=True)]
     if threshold is not None:
         steps.append(AsDiscreted("pred", threshold=threshold))
@@ -102,6 +104,7 @@ class Prediction:
     mask: np.ndarray  # same shape, uint8 in {0, 1}
     image: np.ndarray | None  # 2-D inputs: float32 input scaled to [0, 1], for the overlay; None for volumes
     meta: dict  # MONAI metadata of the input (affine, spatial_shape, ...)
+    causal_mask: np.ndarray | None = None  # with explain: float32 in [0, 1], what the causal module kept
 
 
 class Predictor:
@@ -135,6 +138,7 @@ class Predictor:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.model = load_trained_model(model, checkpoint, pretrained, device)
+        self.model_name = model
         self.device = next(self.model.parameters()).device
         self.threshold = threshold
         self.preprocessing = inference_preprocessing()
@@ -142,20 +146,38 @@ class Predictor:
                                         progress=sys.stderr.isatty())  # no progress bar in redirected logs
         self.postprocessing = inference_postprocessing(self.preprocessing)
 
+    def check_explainable(self) -> None:
+        """Raise ``ValueError`` unless the model has a causal module, whose masks ``explain`` returns."""
+        if getattr(self.model, "intervention", None) is None:
+            raise ValueError(f"model {self.model_name!r} has no causal module: --explain needs one")
+
     @torch.no_grad()
-    def predict(self, path: str | os.PathLike, prompt: str) -> Prediction:
+    def predict(self, path: str | os.PathLike, prompt: str, explain: bool = False) -> Prediction:
         """Segment one file or DICOM series folder: a 2-D image, or a 3-D volume slice by slice (in display
         orientation: see :mod:`causalclipseg.io.orientation`); the result is on the input's grid.
 
+        Args:
+            path: the input.
+            prompt: what to segment.
+            explain: also return the causal mask (:meth:`~causalclipseg.model.causalclipseg.CausalCLIPSeg.explain`)
+                on the input's grid.
+
         Raises:
-            ValueError: if the prompt is empty or the file cannot be read or segmented.
+            ValueError: if the prompt is empty, the file cannot be read or segmented, or ``explain`` is asked of a
+                model without a causal module.
         """
+        if explain:
+            self.check_explainable()
         path = Path(path)
         tokens = model_tokens(self.model, prompt, self.prompt_side).to(self.device)  # before any file work
         data = _apply(self.preprocessing, {"image": str(path), "prompt": prompt})  # (1, X, Y[, Z]), displayed
         try:
-            data["pred"] = self.inferer(data["image"][None], self.model, tokens)[0]
-            data = _apply(self.postprocessing, data)  # probabilities on the input's grid
+            network = self.model.explain if explain else self.model
+            output = self.inferer(data["image"][None], network, tokens)[0]
+            data["pred"] = output[:1]
+            if explain:
+                data["causal_mask"] = output[1:]
+            data = _apply(self.postprocessing, data)  # probabilities (and the causal mask) on the input's grid
         except (RuntimeError, MemoryError) as err:  # e.g. out of memory: one line naming the file, cause chained
             raise ValueError(f"cannot segment {path}: {type(err).__name__}: {_one_line(err)}") from err
         probability = data["pred"][0].as_subclass(torch.Tensor).numpy()
@@ -164,14 +186,17 @@ class Predictor:
             gray = self.preprocessing.inverse({"image": data["image"]})["image"][0]
             gray = gray.as_subclass(torch.Tensor).numpy().astype(np.float32)
             gray = (gray - gray.min()) / max(float(gray.max() - gray.min()), 1e-8)
+        causal = data["causal_mask"][0].as_subclass(torch.Tensor).numpy() if explain else None
         return Prediction(path, probability, (probability > self.threshold).astype(np.uint8), gray,
-                          dict(data["pred"].meta))
+                          dict(data["pred"].meta), causal)
 
     def write(self, prediction: Prediction, output_dir: str | os.PathLike, overwrite: bool = False) -> list[Path]:
         """Write the mask into ``output_dir``, named after the input, and an overlay PNG for 2-D inputs.
 
         Pictures get a PNG mask (0/255); DICOM, NIfTI and NRRD inputs a NIfTI mask (0/1) on the input's
-        geometry (NIfTI inputs keep their own header and affine): :func:`~causalclipseg.io.writers.write_mask`.
+        geometry (NIfTI inputs keep their own header and affine): :func:`~causalclipseg.io.writers.write_mask`. A
+        prediction made with ``explain`` also gets ``<name>_probability.nii.gz`` and ``<name>_causal_mask.nii.gz``
+        (float32 in [0, 1], on the input's grid, :func:`~causalclipseg.io.writers.write_nifti`).
 
         Raises:
             FileExistsError: if an output exists and ``overwrite`` is false.
@@ -182,15 +207,23 @@ class Predictor:
         targets = mask_files(src, out)
         if prediction.mask.ndim == 2:
             targets += mask_files(src, out, [".png"], postfix="overlay")
+        maps = {}
+        if prediction.causal_mask is not None:
+            maps = {mask_files(src, out, [".nii.gz"], postfix=name)[0]: values for name, values in
+                    (("probability", prediction.probability), ("causal_mask", prediction.causal_mask))}
+            targets += list(maps)
         for target in targets:
             if target.exists() and not overwrite:
                 raise FileExistsError(f"output {target} exists; pass --overwrite to replace it")
         try:
             out.mkdir(parents=True, exist_ok=True)
             write_mask(prediction.mask, {**prediction.meta, "filename_or_obj": str(src)}, targets[0])
-            if len(targets) == 2:
+            if prediction.mask.ndim == 2:
                 blended = overlay(prediction.image.T, prediction.mask.T)
                 atomic_write(targets[1], lambda tmp: blended.save(tmp, format="PNG"))
+            meta = {**prediction.meta, "filename_or_obj": str(src)}
+            for target, values in maps.items():
+                write_nifti(values.astype(np.float32), meta, target)
         except (PermissionError, FileExistsError):
             raise
         except Exception as err:  # noqa: BLE001 - writers raise many types; atomic_write left no partial file

@@ -25,7 +25,7 @@ from PIL import Image
 from .inputs import PICTURE_SUFFIXES, file_suffix
 
 __all__ = ["GridNibabelWriter", "SaveMaskd", "atomic_write", "mask_files", "mask_like_nifti", "overlay",
-           "write_mask"]
+           "write_mask", "write_nifti"]
 
 logger = logging.getLogger(__name__)
 
@@ -108,10 +108,19 @@ def write_mask(mask: np.ndarray, meta: Mapping[str, Any], target: str | os.PathL
         return atomic_write(target, lambda tmp: picture.save(tmp, format="PNG"))
     if ext not in (".nii", ".nii.gz"):
         raise ValueError(f"mask file {target} must end in .png, .nii or .nii.gz")
+    return write_nifti(data, meta, target)
+
+
+def write_nifti(data: np.ndarray, meta: Mapping[str, Any], target: str | os.PathLike) -> Path:
+    """Write ``data`` ``(X, Y[, Z])`` on the input's grid as a NIfTI of its own dtype, atomically: a NIfTI input's own
+    header and affine (:func:`mask_like_nifti`), else the affine MONAI read (``meta["affine"]``), through
+    :class:`GridNibabelWriter`. Masks (:func:`write_mask`) and the explanation maps of ``predict --explain`` use it.
+    """
+    source = meta.get(ImageMetaKey.FILENAME_OR_OBJ)
     if source is not None and file_suffix(source) in (".nii", ".nii.gz"):
         image = mask_like_nifti(source, data)
         return atomic_write(target, lambda tmp: nib.save(image, tmp))
-    writer = GridNibabelWriter(output_dtype=np.uint8)
+    writer = GridNibabelWriter(output_dtype=data.dtype)
     writer.set_data_array(data[None], channel_dim=0)
     writer.set_metadata(dict(meta), resample=False)
     return atomic_write(target, lambda tmp: writer.write(tmp, verbose=False))
@@ -168,10 +177,12 @@ class SaveMaskd(MapTransform):
 
 
 def mask_like_nifti(source: str | os.PathLike, mask: np.ndarray) -> nib.Nifti1Image:
-    """A uint8 mask image with the NIfTI ``source``'s own header and affine (its scaling reset to 1, 0)."""
+    """``mask`` (uint8, or float32 maps) as an image with the NIfTI ``source``'s own header and affine (its scaling
+    reset to 1, 0); other dtypes become uint8."""
     original = nib.load(str(source))
-    image = type(original)(mask.reshape(original.shape).astype(np.uint8), original.affine, original.header)
-    image.set_data_dtype(np.uint8)
+    dtype = np.float32 if mask.dtype == np.float32 else np.uint8
+    image = type(original)(mask.reshape(original.shape).astype(dtype), original.affine, original.header)
+    image.set_data_dtype(dtype)
     image.header.set_slope_inter(1.0, 0.0)
     return image
 

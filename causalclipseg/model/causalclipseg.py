@@ -176,6 +176,31 @@ class CausalCLIPSeg(PromptSideRecord, nn.Module):
             levels = self.intervention(levels).causal
         return self._predict(levels, txt, self.projector, image.shape[-2:])
 
+    def explain(self, image: torch.Tensor, text: torch.Tensor | Sequence[int] | None = None) -> torch.Tensor:
+        """The prediction and what the causal module kept for it, as two channels on the image's grid.
+
+        Args:
+            image, text: as in :meth:`forward`.
+
+        Returns:
+            (B, 2, H, W): channel 0 the logits of :meth:`forward`; channel 1 the causal mask, in [0, 1]: each level's
+            mask generator output averaged over its channels, resized to the image (bilinear) and averaged over the
+            levels (1: the level's features were kept as causal, 0: handed to the confounder).
+
+        Raises:
+            ValueError: if the model has no causal module, or as :meth:`forward`.
+        """
+        if self.intervention is None:
+            raise ValueError("this model has no causal module (causal.enabled is false): there is no causal mask "
+                             "to explain its prediction with")
+        levels, txt = self._encode(image, text)
+        split = self.intervention(levels)
+        size = image.shape[-2:]
+        logits = self._predict(split.causal, txt, self.projector, size)
+        masks = [F.interpolate(m.mean(dim=1, keepdim=True), size=size, mode="bilinear", align_corners=False)
+                 for m in split.masks]
+        return torch.cat([logits, torch.stack(masks).mean(dim=0)], dim=1)
+
     def forward_aux(self, image: torch.Tensor, text: torch.Tensor, reversal: float = 1.0,
                     game: str = "reversal") -> CausalCLIPSegOutput:
         """Segment and return the auxiliary outputs the loss and the explanation heatmaps need.
