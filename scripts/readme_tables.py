@@ -95,33 +95,16 @@ def causal_masks(root: Path) -> str:
                    "confounder per-image Dice", "confounder dataset-level Dice"], [row])
 
 
-_COMPARED = ("per_image/dice", "per_image/iou", "dataset_level/dice", "dataset_level/iou")
-
-
-def _arm_label(arm: str, runs: Sequence[dict[str, Any]]) -> str:
-    label = next((r["label"] for r in runs if "label" in r), None)
-    if label is None:  # a comparison.json as `causalclipseg compare` writes it: the labels are the package's
-        from causalclipseg.experiments.compare import ARMS
-        label = ARMS[arm].label
-    return label
-
-
 def comparison(root: Path) -> str:
-    """``causalclipseg compare``: mean +/- std over seeds (or value [interval] for one seed) per arm."""
+    """``causalclipseg compare``'s own table (:func:`causalclipseg.experiments.compare.format_table`): mean +/- std
+    over seeds (or value [interval] for one seed) per arm."""
+    from causalclipseg.experiments.compare import format_table
+
     result = _load(f"{RESULTS}/comparison_1epoch.json", root)
-    several = len(result["seeds"]) > 1
-    rows = []
-    for arm, stats in result["summary"].items():
-        mine = [r for r in result["runs"] if r["arm"] == arm]
-        if several:
-            cells = [f"{stats[m]['mean']:.4f} +/- {stats[m]['std']:.4f}" for m in _COMPARED]
-        else:
-            cells = [_interval(mine[0], m, 4) for m in _COMPARED]
-        minutes = (stats["train_seconds"]["mean"] / 60 if "train_seconds" in stats
-                   else stats["train_minutes"]["mean"])
-        rows.append([_arm_label(arm, mine), *cells, ", ".join(str(r["epoch"]) for r in mine), f"{minutes:.1f} min"])
-    return _table(["arm", "per-image Dice", "per-image IoU", "dataset-level Dice", "dataset-level IoU", "best epoch",
-                   "train time"], rows)
+    for stats in result["summary"].values():  # the reconstructed 1-epoch file records minutes, compare seconds
+        if "train_minutes" in stats:
+            stats["train_seconds"] = {"mean": stats["train_minutes"]["mean"] * 60}
+    return format_table(result) + "\n"
 
 
 _PARTS = ("encoders", "decoder", "causal", "projector", "other")
