@@ -417,11 +417,11 @@ def _sweep(files: list[Path], tmp_path: Path, checkpoint: Path, capsys, monkeypa
     slow: list[str] = []
     original = Predictor.predict
 
-    def predict_with_deadline(self, path, prompt):
+    def predict_with_deadline(self, path, prompt, **options):
         started = time.perf_counter()
         with deadline(PER_FILE_SECONDS) as state:
             try:
-                return original(self, path, prompt)
+                return original(self, path, prompt, **options)
             finally:
                 if state["fired"] or time.perf_counter() - started > PER_FILE_SECONDS:
                     slow.append(str(path))
