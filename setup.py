@@ -23,6 +23,9 @@ setup(
         "pytorch-ignite>=0.4.11",
         "nibabel>=5",
         "pydicom>=2.4",
+        # DICOM Segmentation objects (predict --dicom-seg, the bundle's dicom_seg): 0.23+ need pydicom 3, 0.22.0 is the
+        # last for pydicom 2 (>=2.3, not 2.4.0); unpinned, so that pip picks the newest one the pydicom allows
+        "highdicom>=0.22",
         "pynrrd",
         "fire",
         "numpy",

@@ -4,7 +4,10 @@
 predictor`) in MONAI's vocabulary: :func:`list_inputs` -> ``preprocessing`` (``LoadSegmentableImaged``,
 ``WarnUnverifiableSided``, ``DisplayOrientationd``, ``ModelTokensd``) -> ``SliceWiseInferer`` with the model as the
 network and the prompt's token ids as its second input -> ``postprocessing`` (``Invertd``, ``Activationsd``,
-``AsDiscreted``) -> ``writer`` (``SaveMaskd``). :class:`ExportNetwork` is the TorchScript export.
+``AsDiscreted``) -> ``writer`` (``SaveMaskd``). With ``explain`` the network is :class:`ExplainNetwork` (the model's
+``explain``: logits and causal mask) and ``SplitExplanationd`` heads the postprocessing, so that the writer also writes
+the lesion probability and the causal mask; with ``dicom_seg`` it also writes a DICOM Segmentation of each DICOM
+input's mask. :class:`ExportNetwork` is the TorchScript export.
 
 The prompt comes from the config, the command line (:func:`resolve_prompt` undoes what python-fire does to
 ``"left, right"``) or a file; its "left" and "right" are the patient's sides unless ``prompt_side`` is ``viewer``.
@@ -31,8 +34,7 @@ from .tokenizer import read_prompt, validate_prompt
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ExportNetwork", "list_inputs", "resolve_prompt"]
-
+__all__ = ["ExplainNetwork", "ExportNetwork", "list_inputs", "resolve_prompt"]
 
 
 # ----------------------------------------------------------------------------------------------------- prompts
@@ -98,6 +100,31 @@ def list_inputs(inputs: str | os.PathLike | Sequence[str | os.PathLike]) -> list
         FileNotFoundError, ValueError: as :func:`causalclipseg.io.inputs.list_inputs`.
     """
     return [{"image": str(path)} for path in io_inputs.list_inputs(inputs)]
+
+
+# ----------------------------------------------------------------------------------------------------- explain
+class ExplainNetwork(nn.Module):
+    """The network the bundle's evaluator runs with ``explain``: the model's
+    :meth:`~causalclipseg.model.causalclipseg.CausalCLIPSeg.explain` as a module's ``forward`` (MONAI's evaluator
+    calls a module), so that the one inference path carries the causal mask beside the logits.
+
+    Args:
+        network: the bundle's ``network_def``; its weights stay its own (the checkpoint is loaded into it).
+
+    Raises:
+        ValueError: if the model has no causal module.
+    """
+
+    def __init__(self, network: nn.Module) -> None:
+        super().__init__()
+        if getattr(network, "intervention", None) is None:
+            raise ValueError("explain needs a model with a causal module; this one has none (causal.enabled is "
+                             "false): set explain to false")
+        self.network = network
+
+    def forward(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """image (B, 3, S, S) preprocessed, text (B or 1, L) token ids -> (B, 2, S, S): logits, causal mask."""
+        return self.network.explain(image, text)
 
 
 # ------------------------------------------------------------------------------------------------------ export

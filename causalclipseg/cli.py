@@ -18,7 +18,7 @@ from .factory import DEFAULT_MODEL, list_models
 from .model.causalclipseg import GAMES
 from .tokenizer import read_prompt
 
-__all__ = ["main", "predict_main", "train_main", "evaluate_main", "compare_main"]
+__all__ = ["main", "predict_main", "train_main", "evaluate_main", "compare_main", "worker_main"]
 
 USER_ERRORS = (ValueError, TypeError, FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError)
 
@@ -65,12 +65,17 @@ def predict_main(argv: Sequence[str] | None = None) -> int:
                         help="also write <name>_probability.nii.gz (the lesion probability) and "
                              "<name>_causal_mask.nii.gz (what the causal module kept, averaged over its levels), "
                              "float32 in [0, 1] on the input's grid")
+    parser.add_argument("--dicom-seg", action="store_true",
+                        help="also write <name>_seg.dcm: the mask as a DICOM Segmentation (highdicom) referencing the "
+                             "source instances, on their pixel grid, its segment labelled with the prompt; DICOM "
+                             "inputs only (a DICOM file or a folder holding one DICOM series), others are refused")
     _model_args(parser)
     args = parser.parse_args(argv)
     from tqdm import tqdm
 
     from .inference.predictor import Predictor
     from .inference.prompts import model_tokens
+    from .io.dicom_seg import check_dicom_seg_input
     from .io.inputs import list_inputs
     try:
         text = read_prompt(args.prompt, args.prompt_file, "--prompt-file")
@@ -91,8 +96,10 @@ def predict_main(argv: Sequence[str] | None = None) -> int:
     # the bar only on a terminal: redirected, stderr holds nothing but the one-line errors
     for path in tqdm(files, desc="predict", disable=len(files) < 2 or not sys.stderr.isatty()):
         try:
+            if args.dicom_seg:
+                check_dicom_seg_input(path)  # before the model runs on an input it refuses
             written = predictor.write(predictor.predict(path, text, explain=args.explain), args.output_dir,
-                                      overwrite=args.overwrite)
+                                      overwrite=args.overwrite, dicom_seg=args.dicom_seg)
         except USER_ERRORS as err:
             failures += 1
             _fail(str(err) if str(path) in str(err) else f"{path}: {err}")
@@ -254,6 +261,26 @@ def _verify_main(argv: Sequence[str] | None = None) -> int:
     return verify_main(argv)
 
 
+def worker_main(argv: Sequence[str] | None = None) -> int:
+    """Keep the model loaded and segment the jobs named on stdin, one JSON answer per line on stdout."""
+    parser = argparse.ArgumentParser(
+        prog="causalclipseg worker", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="A process for clients that segment often (the 3D Slicer module's local backend): reads the path "
+                    "of a job's request.json per line on stdin (input, prompt_file, output_dir, prompt_side, device, "
+                    "threshold, model, checkpoint, explain) and answers each with one JSON line on stdout: "
+                    '{"request": ..., "ok": true, "files": [...]} or {"request": ..., "ok": false, "error": ...}. '
+                    "A request runs what `causalclipseg predict ... --overwrite` runs; the loaded model is kept "
+                    "between requests, so only the first pays for starting Python, torch and the weights. The log "
+                    "(and anything else printed) goes to stderr. Exits when stdin closes or after --idle-timeout.")
+    parser.add_argument("--idle-timeout", type=float, default=600.0,
+                        help="exit after this many seconds without a request (frees the memory); 0: never")
+    args = parser.parse_args(argv)
+    if args.idle_timeout < 0:
+        return _fail(f"--idle-timeout must be 0 (never) or positive seconds, got {args.idle_timeout:g}")
+    from .inference.worker import run
+    return run(args.idle_timeout or None)
+
+
 VERBS: dict[str, tuple[Callable[[Sequence[str] | None], int], str]] = {
     "predict": (predict_main, "segment images from a text prompt"),
     "train": (train_main, "train or resume a model"),
@@ -261,6 +288,7 @@ VERBS: dict[str, tuple[Callable[[Sequence[str] | None], int], str]] = {
     "verify-data": (_verify_main, "check a dataset before training"),
     "compare": (compare_main, "train and tabulate the comparison arms on the same data and budget"),
     "benchmark": (_benchmark_main, "measure speed and memory per config, volumes and training, against a U-Net"),
+    "worker": (worker_main, "keep the model loaded and segment the jobs named on stdin (3D Slicer's local backend)"),
 }
 
 

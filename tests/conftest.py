@@ -12,6 +12,9 @@ from PIL import Image
 
 import causalclipseg
 
+# The Slicer scene suite runs in an environment of its own (slicer-core, no torch): tests/slicer_scene/run.sh.
+collect_ignore = ["slicer_scene"]
+
 QATA_ROOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "qata_cov19"
 PROMPT = "bilateral pulmonary infection, two infected areas, lower left lung and lower right lung."
 
@@ -83,6 +86,31 @@ def save_dicom(ds, path: str | Path) -> Path:
               else {"write_like_original": False})
     ds.save_as(str(path), **option)
     return Path(path)
+
+
+def write_dicom_image(path: str | Path, pixels: np.ndarray, modality: str, series_uid: str, **tags) -> Path:
+    """A single-frame 16-bit MONOCHROME2 DICOM image (DX for ``modality`` ``DX``, else CT) of ``pixels`` (rows x
+    columns, Bits Stored 12), in study ``1.2.3.4`` and series ``series_uid``; ``tags`` add or override attributes
+    (``ImagePositionPatient``, ``InstanceNumber``, ``PatientName``, ...)."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1" if modality == "DX" else "1.2.840.10008.5.1.4.1.1.2"
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality, ds.SeriesInstanceUID, ds.StudyInstanceUID = modality, series_uid, "1.2.3.4"
+    ds.PatientName, ds.PatientID = "Test^Bundle", "0"
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    for key, value in tags.items():
+        setattr(ds, key, value)
+    ds.PixelData = pixels.astype(np.uint16).tobytes()
+    return save_dicom(ds, path)
 
 
 def pydicom_test_files() -> list[Path]:

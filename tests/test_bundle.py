@@ -28,7 +28,7 @@ from causalclipseg.bundle import list_inputs, resolve_prompt
 from causalclipseg.inference.predictor import Predictor
 from causalclipseg.training.checkpoint import save_weights
 
-from .conftest import save_dicom
+from .conftest import write_dicom_image
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundle"
 SCHEMA = Path(__file__).resolve().parents[2] / "shared" / "monai" / "meta_schema_20240725.json"
@@ -56,28 +56,6 @@ def _infer(ckpt: Path, *args: str) -> subprocess.CompletedProcess:
 
 
 # ------------------------------------------------------------------------------------------------------ inputs
-def _dicom(path: Path, pixels: np.ndarray, modality: str, series_uid: str, **tags) -> Path:
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1" if modality == "DX" else "1.2.840.10008.5.1.4.1.1.2"
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Modality, ds.SeriesInstanceUID, ds.StudyInstanceUID = modality, series_uid, "1.2.3.4"
-    ds.PatientName, ds.PatientID = "Test^Bundle", "0"
-    ds.Rows, ds.Columns = pixels.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    for key, value in tags.items():
-        setattr(ds, key, value)
-    ds.PixelData = pixels.astype(np.uint16).tobytes()
-    return save_dicom(ds, path)
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> dict[str, Path]:
     """Small inputs of every kind, and a random tiny checkpoint."""
@@ -90,8 +68,8 @@ def data(tmp_path_factory) -> dict[str, Path]:
     files["png"] = root / "xrays" / "patient1.png"
     files["png"].parent.mkdir()
     Image.fromarray((rng.random((72, 88)) * 255).astype(np.uint8)).save(files["png"])  # 72 rows x 88 columns
-    files["dcm"] = _dicom(root / "xrays" / "patient2.dcm", rng.integers(0, 4000, (64, 80)), "DX", generate_uid(),
-                          PixelSpacing=[0.2, 0.2])
+    files["dcm"] = write_dicom_image(root / "xrays" / "patient2.dcm", rng.integers(0, 4000, (64, 80)), "DX",
+                                     generate_uid(), PixelSpacing=[0.2, 0.2])
     files["nii"] = root / "volume.nii.gz"
     oblique = np.array([[0.9, 0.3, 0.0, -20.0], [-0.3, 0.9, 0.2, 15.0], [0.0, -0.2, 2.5, 40.0], [0, 0, 0, 1]])
     nib.save(nib.Nifti1Image(rng.random((40, 36, 5)).astype(np.float32), oblique), files["nii"])
@@ -105,9 +83,10 @@ def data(tmp_path_factory) -> dict[str, Path]:
     files["series"].mkdir()
     uid = generate_uid()
     for k in range(4):
-        _dicom(files["series"] / f"slice{k}.dcm", rng.integers(0, 2000, (48, 56)), "CT", uid,
-               ImagePositionPatient=[-10.0, -20.0, 5.0 + 2.5 * k], ImageOrientationPatient=[1, 0, 0, 0, 1, 0],
-               PixelSpacing=[0.7, 0.9], SliceThickness=2.5, InstanceNumber=k + 1)
+        write_dicom_image(files["series"] / f"slice{k}.dcm", rng.integers(0, 2000, (48, 56)), "CT", uid,
+                          ImagePositionPatient=[-10.0, -20.0, 5.0 + 2.5 * k],
+                          ImageOrientationPatient=[1, 0, 0, 0, 1, 0], PixelSpacing=[0.7, 0.9], SliceThickness=2.5,
+                          InstanceNumber=k + 1)
     files["bad"] = root / "broken.png"
     files["bad"].write_text("this is not an image")
     return files

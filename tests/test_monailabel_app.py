@@ -235,6 +235,35 @@ def test_volume_as_nrrd(server, data):
     assert label.endswith(".nrrd") and values.shape == (40, 36, 5) and set(np.unique(values)) <= {0, 1}
 
 
+def test_result_map_answers_the_maps_predict_explain_writes(server, data):
+    """``result_map`` ``probability`` or ``causal_mask``: the answer's file is that map, float32 in [0, 1] on the
+    request image's grid, with the values of ``causalclipseg predict --explain`` (a volume by id, a picture uploaded).
+    The causal mask is asked for with the other prompt: it does not depend on the prompt."""
+    client = server.client(server.root / "c_explain")
+    assert client.info()["models"][MODEL]["config"]["result_map"] == ["mask", "probability", "causal_mask"]
+    predictor = Predictor("tiny", data["checkpoint"], device="cpu")
+    for name, how in (("vol1", "id"), ("xray1", "upload")):
+        expected = predictor.predict(data[name], PROMPT_A, explain=True)
+        image_id, file = (name, None) if how == "id" else ("", str(data[name]))
+        for result_map, prompt, values in (("probability", PROMPT_A, expected.probability),
+                                           ("causal_mask", PROMPT_B, expected.causal_mask)):
+            label, params = client.infer(MODEL, image_id, {"prompt": prompt, "result_map": result_map}, file=file)
+            result = nib.load(label)
+            assert label.endswith(".nii.gz") and result.get_data_dtype() == np.float32, (name, result_map)
+            if name == "vol1":
+                assert result.shape == nib.load(data[name]).shape
+                np.testing.assert_allclose(result.affine, nib.load(data[name]).affine, atol=1e-5)
+            else:
+                assert result.shape[:2] == (88, 72)  # the picture's columns and rows, MONAI's axis order
+            answer = np.asarray(result.dataobj).reshape(values.shape)
+            assert 0.0 <= answer.min() and answer.max() <= 1.0 and answer.std() > 0
+            np.testing.assert_allclose(answer, values, rtol=0, atol=1e-5, err_msg=f"{name} {result_map}")
+            assert params["result_map"] == result_map and params["prompt"] == prompt
+            np.testing.assert_allclose(params["value_range"], [answer.min(), answer.max()], atol=1e-6)
+    _, params = client.infer(MODEL, "xray1", {"prompt": PROMPT_A})
+    assert params["result_map"] == "mask" and params["label_values"] == {"background": 0, "lesion": 1}
+
+
 def _label_on_grid(label: str, source: Path) -> np.ndarray:
     """The label's values, checked to lie on ``source``'s grid (a PNG's rows and columns, a NIfTI's shape and
     affine) with values in {0, 1}."""
@@ -287,6 +316,10 @@ def test_results_survive_a_client_sharing_the_server_temp_folder(server, data, m
     ({"prompt": 7}, "xray1", 400, "prompt must be a str"),
     ({"prompt": PROMPT_A, "threshold": 2}, "xray1", 400, "threshold must be a number in (0, 1)"),
     ({"prompt": PROMPT_A, "result_extension": ".jpg"}, "xray1", 400, "result_extension must be one of"),
+    ({"prompt": PROMPT_A, "result_map": "heatmap"}, "xray1", 400,
+     "result_map must be one of mask, probability, causal_mask, got 'heatmap'"),
+    ({"prompt": PROMPT_A, "result_map": "probability", "result_extension": ".png"}, "xray1", 400,
+     "result_map probability is a float32 map, which a PNG cannot hold"),
     ({"prompt": PROMPT_A}, "upload:broken.png", 400, "cannot read the uploaded .png image"),
     ({"prompt": PROMPT_A}, "nosuchimage", 404, "'nosuchimage' is neither an image id of the datastore"),
 ])

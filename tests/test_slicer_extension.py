@@ -10,6 +10,7 @@ import ast
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -32,10 +33,11 @@ UI_FILE = MODULE_DIR / "Resources" / "UI" / "TextPromptSegmentation.ui"
 LIB = MODULE_DIR / "TextPromptSegmentationLib"
 sys.path.insert(0, str(MODULE_DIR))
 
-from TextPromptSegmentationLib import dependencies, monailabel_client, segments, volume_io  # noqa: E402
+from TextPromptSegmentationLib import dependencies, explanations, monailabel_client, segments, volume_io  # noqa: E402
 from TextPromptSegmentationLib.request import (  # noqa: E402
     EXAMPLE_PROMPTS,
     PROMPT_SIDES,
+    REMOTE_EXPLAIN_NOTE,
     SegmentationRequest,
     build_predict_command,
     child_environment,
@@ -48,6 +50,13 @@ from TextPromptSegmentationLib.runner import (  # noqa: E402
     ProcessRunner,
     RunState,
     parse_progress,
+)
+from TextPromptSegmentationLib.worker import (  # noqa: E402
+    ModelWorker,
+    build_worker_command,
+    parse_answer,
+    shared_worker,
+    stop_shared_worker,
 )
 
 PROMPT = "Bilateral pulmonary infection, two infected areas, lower left lung and lower right lung."
@@ -124,7 +133,7 @@ EXPECTED_WIDGET_CLASSES = {
     "thresholdSliderWidget": "ctkSliderWidget", "pythonPathLineEdit": "ctkPathLineEdit",
     "checkpointPathLineEdit": "ctkPathLineEdit", "packageLineEdit": "QLineEdit", "installButton": "QPushButton",
     "segmentButton": "QPushButton", "progressBar": "QProgressBar", "statusLabel": "QLabel",
-    "logTextEdit": "QPlainTextEdit",
+    "logTextEdit": "QPlainTextEdit", "explainCheckBox": "QCheckBox",
 }
 
 
@@ -155,6 +164,19 @@ def test_prompt_side_is_offered_remembered_passed_on_and_explained() -> None:
         assert "patient's sides" in text and "screen's right" in text and "QaTa-COV19" in text
 
 
+def test_explain_is_offered_remembered_passed_on_and_refused_remotely_in_one_line() -> None:
+    _, widgets = _ui_widgets()
+    assert widgets.get("explainCheckBox") == "QCheckBox"
+    code = MODULE_FILE.read_text()
+    for use in ("explain=bool(self.ui.explainCheckBox.checked)", "self.log(REMOTE_EXPLAIN_NOTE)",
+                "explanations.read_explanations(self._job.explanation_files, shape, matrix)", "self.showExplanations()",
+                "explanations.style_display(node.GetDisplayNode(), kind, values)", "foregroundOpacity=explanations."):
+        assert use in code, f"the module lacks {use}"
+    assert code.count('SETTINGS + "Explain"') == 2, "the choice is saved and restored"
+    assert "\n" not in REMOTE_EXPLAIN_NOTE and "need the local backend" in REMOTE_EXPLAIN_NOTE
+    assert "Show explanations" in (EXTENSION / "README.md").read_text()
+
+
 def test_ui_declares_its_custom_widgets_and_connects_the_scene() -> None:
     root, widgets = _ui_widgets()
     declared = {c.findtext("class") for c in root.iter("customwidget")}
@@ -178,7 +200,8 @@ def test_lib_imports_neither_slicer_nor_torch() -> None:
                 [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else []
             assert not {n.split(".")[0] for n in names} & forbidden, f"{path.name} imports {names}"
     code = ("import sys, TextPromptSegmentationLib.request, TextPromptSegmentationLib.runner, "
-            "TextPromptSegmentationLib.monailabel_client, TextPromptSegmentationLib.dependencies; "
+            "TextPromptSegmentationLib.monailabel_client, TextPromptSegmentationLib.dependencies, "
+            "TextPromptSegmentationLib.worker, TextPromptSegmentationLib.explanations; "
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], cwd=MODULE_DIR, capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "False", out.stderr
@@ -340,6 +363,77 @@ def test_prompt_side_round_trips_and_older_requests_mean_the_patients(tmp_path: 
         build_predict_command("python", job.request_file)
 
 
+def test_explain_round_trips_into_the_predict_command(tmp_path: Path) -> None:
+    job = prepare_job(tmp_path / "job", SegmentationRequest("lesion", explain=True), np.zeros((1, 3, 4), np.int16),
+                      np.eye(4))
+    assert load_request(job.request_file)["explain"] is True
+    assert build_predict_command("python", job.request_file)[-1] == "--explain"
+    assert job.explanation_files == {"probability": job.output_dir / "input_probability.nii.gz",
+                                     "causal mask": job.output_dir / "input_causal_mask.nii.gz"}
+    assert list(job.explanation_files) == list(explanations.STYLES)
+    plain = prepare_job(tmp_path / "plain", SegmentationRequest("lesion"), np.zeros((1, 3, 4), np.int16), np.eye(4))
+    assert "--explain" not in build_predict_command("python", plain.request_file)
+    older = json.loads(job.request_file.read_text())
+    del older["explain"]  # written before the option existed
+    job.request_file.write_text(json.dumps(older))
+    assert load_request(job.request_file)["explain"] is False
+    assert "--explain" not in build_predict_command("python", job.request_file)
+    job.request_file.write_text(json.dumps({**older, "explain": "yes"}))
+    with pytest.raises(ValueError, match="^explain must be true or false, got 'yes'$"):
+        build_predict_command("python", job.request_file)
+    assert "explain" not in SegmentationRequest("lesion", explain=True).server_params()  # the server has no maps
+
+
+def test_explanation_maps_are_read_unthresholded_on_the_input_grid(tmp_path: Path) -> None:
+    shape, matrix = (3, 6, 5), oblique_matrix()
+    job = prepare_job(tmp_path / "job", SegmentationRequest("lesion, left lung.", explain=True),
+                      np.zeros(shape, np.int16), matrix)
+    rng = np.random.default_rng(0)
+    written = {kind: rng.random(shape).astype(np.float32) for kind in job.explanation_files}
+    for kind, path in job.explanation_files.items():
+        volume_io.write_volume(path, written[kind], matrix)
+    maps = explanations.read_explanations(job.explanation_files, shape, matrix)
+    assert list(maps) == ["probability", "causal mask"]
+    for kind, values in maps.items():
+        assert values.dtype == np.float32 and values.shape == shape
+        np.testing.assert_array_equal(values, written[kind])  # every value as written, not a mask
+    assert explanations.explanation_name("lesion, left lung.", "causal mask") == "lesion, left lung (causal mask)"
+    with pytest.raises(ValueError, match="kind must be one of probability, causal mask, got 'heat'"):
+        explanations.explanation_name("lesion", "heat")
+    moved = matrix.copy()
+    moved[:3, 3] += 1.0
+    volume_io.write_volume(job.explanation_files["causal mask"], written["causal mask"], moved)
+    with pytest.raises(volume_io.GridMismatchError, match="input_causal_mask.nii.gz is not on the input's grid"):
+        explanations.read_explanations(job.explanation_files, shape, matrix)
+    job.explanation_files["causal mask"].unlink()
+    with pytest.raises(FileNotFoundError, match="the causal mask map was asked for but not written"):
+        explanations.read_explanations(job.explanation_files, shape, matrix)
+    # Colour tables that Slicer builds in (slicer-core has them too, unlike the file-based Inferno/Viridis).
+    assert {kind: style.color_node_id for kind, style in explanations.STYLES.items()} == {
+        "probability": "vtkMRMLColorTableNodeIron", "causal mask": "vtkMRMLColorTableNodeOcean"}
+    probability, causal = explanations.STYLES["probability"], explanations.STYLES["causal mask"]
+    values = np.array([0.42, 0.5, 0.63], dtype=np.float32)
+    assert probability.window_for(values) == (0.0, 1.0) and 0.0 < probability.lower_threshold < 0.5
+    assert causal.window_for(values) == pytest.approx((0.42, 0.63)) and causal.lower_threshold is None
+    low, high = causal.window_for(np.full(3, 0.5, dtype=np.float32))  # a flat map still gets a valid range
+    assert low == pytest.approx(0.5) and high > low
+
+
+def test_worker_command_and_answers() -> None:
+    assert build_worker_command("/opt/python", 600) == ["/opt/python", "-m", "causalclipseg.cli", "worker",
+                                                        "--idle-timeout", "600"]
+    with pytest.raises(ValueError, match="idle_timeout must be positive seconds, got 0"):
+        build_worker_command("/opt/python", 0)
+    answer = {"request": "/job/request.json", "ok": True, "files": ["/job/output/input_mask.nii.gz"]}
+    assert parse_answer(json.dumps(answer) + "\n", Path("/job/request.json")) == answer
+    assert parse_answer(json.dumps(answer), "/other/request.json") is None  # another job's answer
+    for line in ("loading model 'tiny' ...", "{not json", '{"request": "/job/request.json"}', "[1, 2]"):
+        assert parse_answer(line, "/job/request.json") is None
+    assert shared_worker() is shared_worker()
+    stop_shared_worker()  # nothing started: a no-op
+    assert shared_worker().pid is None
+
+
 def test_child_environment_drops_slicer_python_settings_for_another_interpreter() -> None:
     base = {"PYTHONHOME": "/slicer", "PYTHONPATH": "/slicer/lib", "PATH": "/bin"}
     assert "PYTHONHOME" not in child_environment(base, own_interpreter=False)
@@ -436,6 +530,35 @@ def test_cancel_kills_the_whole_process_tree() -> None:
         time.sleep(0.05)
     assert not _alive(child) and not _alive(grandchild)
     runner.raise_for_status()  # a cancelled run is not an error
+
+
+def test_runner_sends_lines_to_a_long_lived_command() -> None:
+    echo = "import sys\nfor line in sys.stdin:\n    print('got', line.strip(), flush=True)"
+    runner = ProcessRunner([sys.executable, "-c", echo], stdin_pipe=True)
+    with pytest.raises(RuntimeError, match="no stdin pipe"):
+        runner.send_line("too early")
+    runner.start()
+    runner.send_line("/job/request.json")
+    seen: list[str] = []
+    assert _until_lines(runner, seen, "got /job/request.json")
+    assert runner.alive and runner.poll().state is RunState.RUNNING  # waiting for the next line
+    with pytest.raises(ValueError, match="line break"):
+        runner.send_line("a\nb")
+    runner.cancel()
+    assert not runner.alive and runner.wait(timeout=10) is RunState.CANCELLED
+    with pytest.raises(RuntimeError, match="it has exited"):
+        runner.send_line("after the end")
+    silent = ProcessRunner([sys.executable, "-c", "import sys; print(repr(sys.stdin.read()))"])  # no pipe: empty
+    silent.start()
+    assert silent.wait(timeout=30) is RunState.SUCCEEDED and silent.output == ["''"]
+
+
+def _until_lines(runner: ProcessRunner, seen: list[str], wanted: str, timeout: float = 30.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while wanted not in seen and time.monotonic() < deadline:
+        seen += runner.poll().lines
+        time.sleep(0.05)
+    return wanted in seen
 
 
 def test_runner_wait_times_out_and_background_call_reports_outcomes() -> None:
@@ -618,3 +741,182 @@ def test_local_backend_surfaces_cli_errors(tmp_path: Path) -> None:
     assert runner.wait(timeout=120) is RunState.FAILED
     with pytest.raises(ProcessFailedError, match="checkpoint not found"):
         runner.raise_for_status()
+
+
+# --- the local backend's warm model: one `causalclipseg worker` of the real package -------------------------
+
+
+def _worker_job(folder: Path, checkpoint: Path, shape: tuple[int, int, int] = (1, 48, 40), **options: object):
+    request = SegmentationRequest(PROMPT, device="cpu", model="tiny", checkpoint=str(checkpoint), **options)
+    array = np.random.default_rng(0).normal(0, 100, shape).astype(np.float32)
+    return prepare_job(folder, request, array, oblique_matrix())
+
+
+def _start(worker: ModelWorker, job, idle_timeout: float = 600.0):
+    run = worker.submit(sys.executable, job.request_file, child_environment(os.environ, own_interpreter=True),
+                        idle_timeout)
+    run.start()
+    return run
+
+
+def _run_to_end(worker: ModelWorker, job, idle_timeout: float = 600.0) -> tuple[object, list]:
+    """Submit, wait; returns the run and its updates."""
+    run, updates = _start(worker, job, idle_timeout), []
+    run.wait(timeout=240, on_update=updates.append)
+    return run, updates
+
+
+def _lines(updates: list) -> list[str]:
+    return [line for update in updates for line in update.lines]
+
+
+def _group(pgid: int) -> list[int]:
+    """The live processes of a process group (zombies count as gone)."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError, IndexError):
+            continue
+        if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
+            members.append(int(stat.parent.name))
+    return members
+
+
+def _until(condition, timeout: float = 30.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return condition()
+
+
+@pytest.mark.slow
+def test_worker_keeps_one_process_for_later_runs(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    worker = ModelWorker()
+    try:
+        first, updates = _run_to_end(worker, _worker_job(tmp_path / "a", tiny_checkpoint))
+        assert first.state is RunState.SUCCEEDED, first.output
+        lines = _lines(updates)
+        assert lines[0].startswith(f"Started the model process (pid {first.pid}): {sys.executable} -m "
+                                   "causalclipseg.cli worker --idle-timeout 600.")
+        assert any(line.startswith("loading model 'tiny'") for line in lines)
+        mask = volume_io.read_on_grid(tmp_path / "a" / "output" / "input_mask.nii.gz", (1, 48, 40), oblique_matrix())
+        assert set(np.unique(mask)) <= {0, 1}
+
+        shape = (10, 40, 36)  # two batches of slices: the worker's progress bar reaches the client
+        job = _worker_job(tmp_path / "b", tiny_checkpoint, shape, explain=True, threshold=0.4)
+        second, updates = _run_to_end(worker, job)
+        assert second.state is RunState.SUCCEEDED, second.output
+        assert second.pid == first.pid and worker.pid == first.pid
+        lines = _lines(updates)
+        assert lines[0] == f"Using the running model process (pid {first.pid}): the model is loaded."
+        assert not any("loading model" in line for line in lines)
+        assert any(update.progress is not None for update in updates)
+        assert sorted(Path(f).name for f in second.files) == ["input_causal_mask.nii.gz", "input_mask.nii.gz",
+                                                              "input_probability.nii.gz"]
+        maps = explanations.read_explanations(job.explanation_files, shape, oblique_matrix())
+        for values in maps.values():
+            assert values.dtype == np.float32 and 0.0 <= values.min() and values.max() <= 1.0
+            assert len(np.unique(values)) > 2  # a map, not a mask
+        mask = volume_io.read_on_grid(job.mask_file, shape, oblique_matrix())
+        np.testing.assert_array_equal(mask, maps["probability"] > 0.4)  # this request's own threshold
+    finally:
+        worker.stop()
+
+
+@pytest.mark.slow
+def test_worker_answers_a_bad_request_in_one_line_and_lives_on(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    worker = ModelWorker()
+    try:
+        unreadable = _worker_job(tmp_path / "unreadable", tiny_checkpoint)
+        unreadable.input_file.write_bytes(b"\x1f\x8b not a volume")
+        run, _ = _run_to_end(worker, unreadable)
+        assert run.state is RunState.FAILED
+        pid = run.pid
+        with pytest.raises(ProcessFailedError, match="input.nii.gz") as info:
+            run.raise_for_status()
+        assert "\n" not in str(info.value)
+        empty = _worker_job(tmp_path / "empty", tiny_checkpoint)
+        (empty.folder / "prompt.txt").write_text("  \n")
+        run, _ = _run_to_end(worker, empty)
+        with pytest.raises(ProcessFailedError, match=r"^prompt must contain text, got ''"):
+            run.raise_for_status()
+        assert worker.pid == pid and _alive(pid)
+        good, updates = _run_to_end(worker, _worker_job(tmp_path / "good", tiny_checkpoint))
+        assert good.state is RunState.SUCCEEDED and good.pid == pid
+        assert _lines(updates)[0] == f"Using the running model process (pid {pid}): the model is loaded."
+    finally:
+        worker.stop()
+
+
+@pytest.mark.slow
+def test_cancel_ends_the_workers_process_group_and_the_next_run_starts_a_new_one(tmp_path: Path,
+                                                                                tiny_checkpoint: Path) -> None:
+    worker = ModelWorker()
+    try:
+        run = _start(worker, _worker_job(tmp_path / "a", tiny_checkpoint))
+        pid, seen = run.pid, []
+        assert _until(lambda: seen.extend(run.poll().lines) or any("loading model" in line for line in seen), 120)
+        assert os.getpgid(pid) == pid  # the worker leads its own process group
+        members = _group(pid)
+        assert pid in members
+        run.cancel(grace=2.0)
+        assert run.state is RunState.CANCELLED and run.poll().state is RunState.CANCELLED
+        run.raise_for_status()  # a cancelled run is not an error
+        assert _until(lambda: not _group(pid) and not any(_alive(p) for p in members), 10)
+        with pytest.raises(ProcessLookupError):
+            os.killpg(pid, 0)
+        assert worker.pid is None
+        following, updates = _run_to_end(worker, _worker_job(tmp_path / "b", tiny_checkpoint))
+        assert following.state is RunState.SUCCEEDED, following.output
+        assert following.pid != pid
+        lines = _lines(updates)
+        assert f"The model process (pid {pid}) has ended (stopped by Cancel); starting a new one, which loads the " \
+               "model again." in lines
+        assert any(line.startswith(f"Started the model process (pid {following.pid})") for line in lines)
+    finally:
+        worker.stop()
+
+
+@pytest.mark.slow
+def test_a_killed_worker_is_replaced_with_the_reason(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    worker = ModelWorker()
+    try:
+        first, _ = _run_to_end(worker, _worker_job(tmp_path / "a", tiny_checkpoint))
+        assert first.state is RunState.SUCCEEDED, first.output
+        os.kill(first.pid, signal.SIGKILL)  # a crash, or the system ending it
+        assert _until(lambda: worker.pid is None, 30)  # reaped: its threads have ended too
+        second, updates = _run_to_end(worker, _worker_job(tmp_path / "b", tiny_checkpoint))
+        assert second.state is RunState.SUCCEEDED, second.output
+        assert second.pid != first.pid
+        assert f"The model process (pid {first.pid}) has ended (killed by SIGKILL); starting a new one, which loads " \
+               "the model again." in _lines(updates)
+        # another checkpoint is another model: the worker is replaced, saying why
+        other = tmp_path / "other.pt"
+        other.write_bytes(tiny_checkpoint.read_bytes())
+        third = _start(worker, _worker_job(tmp_path / "c", other))
+        lines = third.poll().lines
+        third.cancel()
+        assert f"The interpreter, model, checkpoint, device or idle timeout changed: the model process (pid " \
+               f"{second.pid}) was stopped; starting a new one." in lines
+        assert third.pid not in (first.pid, second.pid)
+    finally:
+        worker.stop()
+
+
+@pytest.mark.slow
+def test_an_idle_worker_exits_by_itself(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    worker = ModelWorker()
+    try:
+        first, _ = _run_to_end(worker, _worker_job(tmp_path / "a", tiny_checkpoint), idle_timeout=3)
+        assert first.state is RunState.SUCCEEDED, first.output
+        # exited and reaped (interpreter shutdown with torch loaded takes seconds on a busy machine)
+        assert _until(lambda: worker.pid is None, 90), "the worker did not exit after 3 s without a request"
+        assert not _alive(first.pid)
+        second = _start(worker, _worker_job(tmp_path / "b", tiny_checkpoint), idle_timeout=3)
+        lines = second.poll().lines
+        second.cancel()
+        assert f"The model process (pid {first.pid}) has ended (it exited: idle for 3 s: exiting); starting a new " \
+               "one, which loads the model again." in lines
+    finally:
+        worker.stop()

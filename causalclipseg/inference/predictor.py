@@ -12,10 +12,12 @@ The one path from file to mask, shared by ``causalclipseg predict``, :class:`Pre
 3. :class:`~causalclipseg.inference.inferer.SliceWiseInferer`: batches of slices moved to the model's device,
    preprocessed there as in training, ``CausalCLIPSeg(slices, tokens)`` with the prompt's token ids in the model's
    laterality convention (:func:`~causalclipseg.inference.prompts.model_tokens`), logits resized back;
-4. :func:`inference_postprocessing`: MONAI's ``Invertd`` (back to the input's voxel grid), ``Activationsd``
-   (sigmoid), ``AsDiscreted`` (threshold);
+4. :func:`inference_postprocessing`: :class:`SplitExplanationd` (an explanation's causal mask apart from the
+   logits), MONAI's ``Invertd`` (back to the input's voxel grid), ``Activationsd`` (sigmoid), ``AsDiscreted``
+   (threshold);
 5. the writer, :func:`~causalclipseg.io.writers.write_mask` (:class:`~causalclipseg.io.writers.SaveMaskd` in the
-   bundle and MONAI Label): written atomically, never replacing an existing file unless asked to.
+   bundle and MONAI Label), with the explanation maps and a DICOM Segmentation beside the mask on request: written
+   atomically, never replacing an existing file unless asked to.
 """
 
 from __future__ import annotations
@@ -23,28 +25,31 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-from monai.transforms import Activationsd, AsDiscreted, Compose, Invertd
+from monai.config import KeysCollection
+from monai.transforms import Activationsd, AsDiscreted, Compose, Invertd, MapTransform
 from torch import nn
 
 from ..data.prompts import check_prompt_side
 from ..factory import DEFAULT_CHECKPOINT, DEFAULT_MODEL, create_model, resolve_device
+from ..io.dicom_seg import check_dicom_seg_input, dicom_segmentation
 from ..io.orientation import DisplayOrientationd
 from ..io.reader import LoadSegmentableImaged
-from ..io.writers import atomic_write, mask_files, overlay, write_mask, write_nifti
+from ..io.writers import atomic_write, extra_files, mask_files, overlay, write_dicom, write_mask, write_nifti
 from ..model.causalclipseg import CausalCLIPSeg
 from .inferer import SliceWiseInferer
 from .prompts import WarnUnverifiableSided, model_tokens
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Prediction", "Predictor", "inference_postprocessing", "inference_preprocessing", "inference_ready",
-           "load_trained_model"]
+__all__ = ["Prediction", "Predictor", "SplitExplanationd", "inference_postprocessing", "inference_preprocessing",
+           "inference_ready", "load_trained_model"]
 
 
 def load_trained_model(model: str = DEFAULT_MODEL, checkpoint: str | os.PathLike | None = None,
@@ -83,13 +88,48 @@ def inference_preprocessing(prompt: str | None = None) -> Compose:
                     DisplayOrientationd("image")])
 
 
+class SplitExplanationd(MapTransform):
+    """Post-transform: the two channels of :meth:`~causalclipseg.model.causalclipseg.CausalCLIPSeg.explain` (logits,
+    causal mask) under keys of their own, so that the steps after it treat the logits as any prediction.
+
+    ``pred`` ``(2, ...)`` becomes the logits ``(1, ...)`` and ``causal_key`` the causal mask ``(1, ...)``; with
+    ``probability_key`` the logits are also copied there, where the sigmoid turns them into the lesion probability
+    that the threshold on ``pred`` would otherwise replace by the mask (the bundle's ``explain``, MONAI Label's
+    ``result_map``). A prediction of one channel (the model's ``forward``) passes unchanged.
+
+    Args:
+        keys: the network output.
+        causal_key: where the causal mask goes.
+        probability_key: where a copy of the logits goes; ``None`` for none.
+    """
+
+    def __init__(self, keys: KeysCollection = "pred", causal_key: str = "causal_mask",
+                 probability_key: str | None = "probability", allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.causal_key, self.probability_key = causal_key, probability_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            output = d[key]
+            if output.shape[0] != 2:
+                continue
+            d[key], d[self.causal_key] = output[:1], output[1:]  # (1, X, Y[, Z]) each, metadata kept
+            if self.probability_key is not None:
+                d[self.probability_key] = output[:1].clone()
+        return d
+
+
 def inference_postprocessing(preprocessing: Compose, threshold: float | None = None) -> Compose:
     """Logits ``pred`` in display orientation -> probabilities (or, with ``threshold``, a {0, 1} mask) on the
-    input's grid; an explanation map under ``causal_mask``, when present, back to the input's grid too. The
-    bundle's ``postprocessing`` declares the same transforms, then its writer."""
-    steps: list[Callable] = [Invertd(["pred", "causal_mask"], transform=preprocessing, orig_keys="image",
-                                     nearest_interp=False, allow_missing_keys=True),
-                             Activationsd("pred", sigmoid=True)]
+    input's grid. An explanation's output (:class:`SplitExplanationd`) gives ``causal_mask`` on the input's grid too,
+    and, with ``threshold``, the probability under ``probability``. The bundle's ``postprocessing`` declares the same
+    transforms, then its writer."""
+    steps: list[Callable] = [
+        SplitExplanationd("pred", probability_key=None if threshold is None else "probability"),
+        Invertd(["pred", "causal_mask", "probability"], transform=preprocessing, orig_keys="image",
+                nearest_interp=False, allow_missing_keys=True),
+        Activationsd(["pred", "probability"], sigmoid=True, allow_missing_keys=True)]
     if threshold is not None:
         steps.append(AsDiscreted("pred", threshold=threshold))
     return Compose(steps)
@@ -105,6 +145,7 @@ class Prediction:
     image: np.ndarray | None  # 2-D inputs: float32 input scaled to [0, 1], for the overlay; None for volumes
     meta: dict  # MONAI metadata of the input (affine, spatial_shape, ...)
     causal_mask: np.ndarray | None = None  # with explain: float32 in [0, 1], what the causal module kept
+    prompt: str | None = None  # what was segmented, as the user wrote it (a DICOM Segmentation's segment label)
 
 
 class Predictor:
@@ -132,19 +173,28 @@ class Predictor:
     def __init__(self, model: str = DEFAULT_MODEL, checkpoint: str | os.PathLike | None = None,
                  pretrained: str | None = None, device: str = "auto", threshold: float = 0.5,
                  batch_size: int = 8, prompt_side: str = "patient") -> None:
-        self.prompt_side = check_prompt_side(prompt_side)
-        if not 0.0 < threshold < 1.0:
-            raise ValueError(f"threshold must be in (0, 1), got {threshold}")
+        self.configure(threshold, prompt_side)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.model = load_trained_model(model, checkpoint, pretrained, device)
         self.model_name = model
         self.device = next(self.model.parameters()).device
-        self.threshold = threshold
         self.preprocessing = inference_preprocessing()
         self.inferer = SliceWiseInferer(self.model.config.image_size, batch_size, device=self.device,
                                         progress=sys.stderr.isatty())  # no progress bar in redirected logs
         self.postprocessing = inference_postprocessing(self.preprocessing)
+
+    def configure(self, threshold: float, prompt_side: str) -> None:
+        """Set the threshold and the prompt side of later predictions; the loaded model is kept (``causalclipseg
+        worker`` serves requests that differ in them with one model).
+
+        Raises:
+            ValueError: for a threshold outside (0, 1) or an unknown prompt side.
+        """
+        prompt_side = check_prompt_side(prompt_side)
+        if not 0.0 < threshold < 1.0:
+            raise ValueError(f"threshold must be in (0, 1), got {threshold}")
+        self.threshold, self.prompt_side = threshold, prompt_side
 
     def check_explainable(self) -> None:
         """Raise ``ValueError`` unless the model has a causal module, whose masks ``explain`` returns."""
@@ -173,10 +223,7 @@ class Predictor:
         data = _apply(self.preprocessing, {"image": str(path), "prompt": prompt})  # (1, X, Y[, Z]), displayed
         try:
             network = self.model.explain if explain else self.model
-            output = self.inferer(data["image"][None], network, tokens)[0]
-            data["pred"] = output[:1]
-            if explain:
-                data["causal_mask"] = output[1:]
+            data["pred"] = self.inferer(data["image"][None], network, tokens)[0]  # (1 or 2, X, Y[, Z]) logits
             data = _apply(self.postprocessing, data)  # probabilities (and the causal mask) on the input's grid
         except (RuntimeError, MemoryError) as err:  # e.g. out of memory: one line naming the file, cause chained
             raise ValueError(f"cannot segment {path}: {type(err).__name__}: {_one_line(err)}") from err
@@ -188,42 +235,52 @@ class Predictor:
             gray = (gray - gray.min()) / max(float(gray.max() - gray.min()), 1e-8)
         causal = data["causal_mask"][0].as_subclass(torch.Tensor).numpy() if explain else None
         return Prediction(path, probability, (probability > self.threshold).astype(np.uint8), gray,
-                          dict(data["pred"].meta), causal)
+                          dict(data["pred"].meta), causal, prompt)
 
-    def write(self, prediction: Prediction, output_dir: str | os.PathLike, overwrite: bool = False) -> list[Path]:
+    def write(self, prediction: Prediction, output_dir: str | os.PathLike, overwrite: bool = False,
+              dicom_seg: bool = False) -> list[Path]:
         """Write the mask into ``output_dir``, named after the input, and an overlay PNG for 2-D inputs.
 
         Pictures get a PNG mask (0/255); DICOM, NIfTI and NRRD inputs a NIfTI mask (0/1) on the input's
         geometry (NIfTI inputs keep their own header and affine): :func:`~causalclipseg.io.writers.write_mask`. A
         prediction made with ``explain`` also gets ``<name>_probability.nii.gz`` and ``<name>_causal_mask.nii.gz``
-        (float32 in [0, 1], on the input's grid, :func:`~causalclipseg.io.writers.write_nifti`).
+        (float32 in [0, 1], on the input's grid, :func:`~causalclipseg.io.writers.write_nifti`). With ``dicom_seg``, a
+        DICOM input also gets ``<name>_seg.dcm``: the mask as a DICOM Segmentation over its source instances, labelled
+        with the prompt (:func:`~causalclipseg.io.dicom_seg.dicom_segmentation`).
 
         Raises:
             FileExistsError: if an output exists and ``overwrite`` is false.
-            ValueError: if a mask cannot be written (the cause chained); what was written is complete.
+            ValueError: with ``dicom_seg``, for an input that is not DICOM (naming it; nothing is written), or if a
+                mask cannot be written (the cause chained); what was written is complete.
         """
         out = Path(output_dir)
         src = prediction.source
+        meta = {**prediction.meta, "filename_or_obj": str(src)}
+        if dicom_seg:
+            check_dicom_seg_input(src)
         targets = mask_files(src, out)
         if prediction.mask.ndim == 2:
             targets += mask_files(src, out, [".png"], postfix="overlay")
-        maps = {}
-        if prediction.causal_mask is not None:
-            maps = {mask_files(src, out, [".nii.gz"], postfix=name)[0]: values for name, values in
-                    (("probability", prediction.probability), ("causal_mask", prediction.causal_mask))}
-            targets += list(maps)
+        extras = extra_files(src, out, explain=prediction.causal_mask is not None, dicom_seg=dicom_seg)
+        targets += list(extras.values())
         for target in targets:
             if target.exists() and not overwrite:
                 raise FileExistsError(f"output {target} exists; pass --overwrite to replace it")
         try:
+            seg = None
+            if dicom_seg:  # built before anything is written
+                seg = dicom_segmentation(prediction.mask, meta, prediction.prompt, {
+                    "model": self.model_name, "threshold": self.threshold, "prompt_side": self.prompt_side})
             out.mkdir(parents=True, exist_ok=True)
-            write_mask(prediction.mask, {**prediction.meta, "filename_or_obj": str(src)}, targets[0])
+            write_mask(prediction.mask, meta, targets[0])
             if prediction.mask.ndim == 2:
                 blended = overlay(prediction.image.T, prediction.mask.T)
                 atomic_write(targets[1], lambda tmp: blended.save(tmp, format="PNG"))
-            meta = {**prediction.meta, "filename_or_obj": str(src)}
-            for target, values in maps.items():
-                write_nifti(values.astype(np.float32), meta, target)
+            if prediction.causal_mask is not None:
+                for name, values in (("probability", prediction.probability), ("causal_mask", prediction.causal_mask)):
+                    write_nifti(values.astype(np.float32), meta, extras[name])
+            if seg is not None:
+                write_dicom(seg, extras["seg"])
         except (PermissionError, FileExistsError):
             raise
         except Exception as err:  # noqa: BLE001 - writers raise many types; atomic_write left no partial file

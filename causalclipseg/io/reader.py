@@ -9,7 +9,7 @@ from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
 import torch
-from monai.data import MetaTensor
+from monai.data import MetaTensor, PydicomReader
 from monai.transforms import LoadImage, MapTransform
 
 from ..data.transforms import Grayscale2D
@@ -17,9 +17,13 @@ from .dicom import voi_display
 from .formats import MAX_INPUT_VOXELS, InputHeader, Unreadable, error_reason, read_input_header
 from .orientation import GEOMETRY_KEY, patient_orientation_affine
 
-__all__ = ["LoadSegmentableImaged"]
+__all__ = ["SOURCE_FILES_KEY", "LoadSegmentableImaged"]
 
 logger = logging.getLogger(__name__)
+
+#: MetaTensor ``meta`` entry of a DICOM input: the file each slice of the array came from, in the array's slice order
+#: (a radiograph or a slice: one file; a series: its files as MONAI's reader stacked them, by Instance Number)
+SOURCE_FILES_KEY = "causalclipseg_source_files"
 
 
 def _plain_picture(image: Any) -> Any:
@@ -48,6 +52,26 @@ def _complete_slice_normal(img: torch.Tensor) -> None:
     img.affine = a.to(affine.dtype)
 
 
+class _SourceRecordingPydicomReader(PydicomReader):
+    """MONAI's ``PydicomReader`` that records the file each slice of the array it returns came from.
+
+    MONAI stacks a series in an order of its own (by Instance Number, skipping files without one) and keeps no trace
+    of it; a mask written back onto the source instances (a DICOM Segmentation, :mod:`causalclipseg.io.dicom_seg`)
+    needs it. The reader decodes each file's pixels through ``_get_array_data`` in the order it stacks them, so the
+    order is recorded there, as it happens, rather than re-derived; :data:`SOURCE_FILES_KEY` in the metadata holds it.
+    """
+
+    def get_data(self, data: Any) -> tuple[Any, dict]:
+        self._sources: list[str] = []
+        array, meta = super().get_data(data)
+        meta[SOURCE_FILES_KEY] = list(self._sources)
+        return array, meta
+
+    def _get_array_data(self, img: Any, filename: Any) -> Any:
+        self._sources.append(str(filename))
+        return super()._get_array_data(img, filename)
+
+
 def _quiet_load_image() -> LoadImage:
     """MONAI's ``LoadImage`` without the warnings its GPU DICOM reader prints on machines without nvImageCodec."""
     plugin_log = logging.getLogger("monai.data.nvimgcodec_pydicom_plugin")
@@ -64,10 +88,11 @@ class LoadSegmentableImaged(MapTransform):
     """Read an image file or DICOM series into what the slice-wise network takes, on its own grid (no resampling).
 
     MONAI's readers read it (PNG/JPEG/BMP/TIFF, DICOM file or series folder, NIfTI, NRRD) channel first with its
-    metadata (affine, file name, and :data:`~causalclipseg.io.orientation.GEOMETRY_KEY`: where its orientation
-    comes from; a radiograph's affine is built from its Patient Orientation); 2-D inputs (and volumes with one
-    slice) become grayscale ``(1, X, Y)`` (colour merged, alpha dropped, as in training); volumes stay
-    ``(1, X, Y, Z)``. :class:`~causalclipseg.io.orientation.DisplayOrientation` then orients them for the model.
+    metadata (affine, file name, :data:`~causalclipseg.io.orientation.GEOMETRY_KEY`: where its orientation
+    comes from, a radiograph's affine built from its Patient Orientation; for DICOM, :data:`SOURCE_FILES_KEY`: the
+    file of each slice); 2-D inputs (and volumes with one slice) become grayscale ``(1, X, Y)`` (colour merged,
+    alpha dropped, as in training); volumes stay ``(1, X, Y, Z)``.
+    :class:`~causalclipseg.io.orientation.DisplayOrientation` then orients them for the model.
 
     Input policy (every refusal is a ``ValueError`` naming the file and the reason, before anything is written):
 
@@ -94,10 +119,10 @@ class LoadSegmentableImaged(MapTransform):
     def __init__(self, keys: str | Sequence[str] = "image", allow_missing_keys: bool = False,
                  max_voxels: int = MAX_INPUT_VOXELS) -> None:
         super().__init__(keys, allow_missing_keys)
-        from monai.data import NibabelReader, NrrdReader, PILReader, PydicomReader
+        from monai.data import NibabelReader, NrrdReader, PILReader
 
         self.loader = _quiet_load_image()
-        self.readers = {"picture": PILReader(converter=_plain_picture), "DICOM": PydicomReader(),
+        self.readers = {"picture": PILReader(converter=_plain_picture), "DICOM": _SourceRecordingPydicomReader(),
                         "NIfTI": NibabelReader(), "NRRD": NrrdReader()}
         self.max_voxels = max_voxels
         self.grayscale = Grayscale2D("mean")

@@ -2,7 +2,9 @@
 
 :func:`atomic_write` is the one way files are written. :class:`GridNibabelWriter` writes a NIfTI with the input's
 affine as it is; :class:`SaveMaskd` writes masks for the bundle and MONAI Label; :func:`mask_like_nifti` gives a
-mask a NIfTI input's own header; :func:`overlay` draws a mask over a picture.
+mask a NIfTI input's own header; :func:`overlay` draws a mask over a picture; :func:`extra_files` names what is
+written beside a mask (the explanation maps, a DICOM Segmentation: :mod:`causalclipseg.io.dicom_seg`) and
+:func:`write_dicom` writes a DICOM dataset.
 """
 
 from __future__ import annotations
@@ -21,11 +23,17 @@ from monai.data import NibabelWriter
 from monai.transforms import MapTransform
 from monai.utils import ImageMetaKey
 from PIL import Image
+from pydicom.dataset import Dataset
 
+from .dicom_seg import check_dicom_seg_input, dicom_segmentation
 from .inputs import PICTURE_SUFFIXES, file_suffix
 
-__all__ = ["GridNibabelWriter", "SaveMaskd", "atomic_write", "mask_files", "mask_like_nifti", "overlay",
-           "write_mask", "write_nifti"]
+__all__ = ["EXPLANATION_MAPS", "GridNibabelWriter", "SaveMaskd", "atomic_write", "extra_files", "mask_files",
+           "mask_like_nifti", "overlay", "write_dicom", "write_mask", "write_nifti"]
+
+#: the explanation maps of ``predict --explain`` and the bundle's ``explain``, float32 in [0, 1] on the input's grid,
+#: each written as ``<name>_<map>.nii.gz``: the lesion probability, and what the causal module kept
+EXPLANATION_MAPS = ("probability", "causal_mask")
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +94,24 @@ def mask_files(source: str | os.PathLike, output_dir: str | os.PathLike, suffixe
     return [Path(output_dir) / f"{stem}_{postfix}{ext}" for ext in suffixes]
 
 
+def extra_files(source: str | os.PathLike, output_dir: str | os.PathLike, explain: bool = False,
+                dicom_seg: bool = False) -> dict[str, Path]:
+    """What is written beside the mask of ``source``: with ``explain`` each of :data:`EXPLANATION_MAPS`
+    (``<name>_probability.nii.gz``, ``<name>_causal_mask.nii.gz``), with ``dicom_seg`` ``seg``
+    (``<name>_seg.dcm``, a DICOM Segmentation of the mask), keyed by those names."""
+    files = {name: mask_files(source, output_dir, [".nii.gz"], postfix=name)[0] for name in EXPLANATION_MAPS
+             if explain}
+    if dicom_seg:
+        files["seg"] = mask_files(source, output_dir, [".dcm"], postfix="seg")[0]
+    return files
+
+
+def write_dicom(dataset: Dataset, target: str | os.PathLike) -> Path:
+    """Write a DICOM dataset (e.g. :func:`~causalclipseg.io.dicom_seg.dicom_segmentation`'s) as a DICOM file, with
+    its preamble and file meta information, atomically."""
+    return atomic_write(target, lambda tmp: dataset.save_as(tmp))
+
+
 def write_mask(mask: np.ndarray, meta: Mapping[str, Any], target: str | os.PathLike, png_scale: int = 255) -> Path:
     """Write ``mask`` ``(X, Y[, Z])`` (MONAI's axis order, on the input's grid) atomically, in ``target``'s format.
 
@@ -132,7 +158,11 @@ class SaveMaskd(MapTransform):
 
     The mask carries the input's metadata (file name, MONAI's ``affine``) and nothing was resampled, so a NIfTI mask
     has the input's shape and geometry and a PNG the input picture's rows and columns. Each file is written to a
-    temporary name and renamed into place, so a failure never leaves a half-written mask.
+    temporary name and renamed into place, so a failure never leaves a half-written mask. Beside it
+    (:func:`extra_files`): with ``explain`` the explanation maps the data hold under :data:`EXPLANATION_MAPS`
+    (float32 NIfTI, :func:`write_nifti`), as ``predict --explain`` writes them; with ``dicom_seg`` a DICOM
+    Segmentation of the mask over a DICOM input's source instances, labelled with the prompt
+    (:func:`~causalclipseg.io.dicom_seg.dicom_segmentation`), as ``predict --dicom-seg`` writes it.
 
     Args:
         keys: the mask key, ``(1, X, Y[, Z])`` in {0, 1}.
@@ -141,38 +171,65 @@ class SaveMaskd(MapTransform):
             volumes.
         png_scale: the PNG's lesion value (255 to view it, 1 for a label map).
         overwrite: replace existing files; otherwise an existing file is refused before anything is written.
+        explain: also write the explanation maps, ``(1, X, Y[, Z])`` under the keys :data:`EXPLANATION_MAPS`.
+        dicom_seg: also write ``<input name>_seg.dcm``; DICOM inputs only.
+        prompt: the segment's label when the data hold no ``prompt_key``.
+        prompt_key: where the data may hold the prompt.
+        dicom_seg_parameters: recorded in the Segmentation as the algorithm's parameters.
 
     Raises:
-        FileExistsError: if a mask file exists and ``overwrite`` is false.
-        ValueError: as :func:`write_mask`.
+        FileExistsError: if an output file exists and ``overwrite`` is false.
+        ValueError: as :func:`write_mask`; with ``dicom_seg``, for an input that is not DICOM (naming it, before
+            anything is written for it); with ``explain``, when the data lack a map.
     """
 
     def __init__(self, keys: str | Sequence[str] = "pred", output_dir: str | os.PathLike = "eval",
                  suffixes: Sequence[str] | None = None, png_scale: int = 255, overwrite: bool = True,
+                 explain: bool = False, dicom_seg: bool = False, prompt: str | None = None,
+                 prompt_key: str = "prompt", dicom_seg_parameters: Mapping[str, object] | None = None,
                  allow_missing_keys: bool = False) -> None:
         super().__init__(keys, allow_missing_keys)
         self.output_dir, self.suffixes = Path(output_dir), None if suffixes is None else list(suffixes)
         self.png_scale, self.overwrite = png_scale, overwrite
+        self.explain, self.dicom_seg = bool(explain), bool(dicom_seg)
+        self.prompt, self.prompt_key = prompt, prompt_key
+        self.dicom_seg_parameters = dict(dicom_seg_parameters or {})
 
     def targets(self, mask: torch.Tensor) -> list[Path]:
-        """The files :meth:`__call__` writes for ``mask`` (a PNG only for 2-D masks)."""
+        """The files :meth:`__call__` writes for ``mask`` (a PNG only for 2-D masks), the extra files last."""
         source = mask.meta[ImageMetaKey.FILENAME_OR_OBJ]
-        files = mask_files(source, self.output_dir, self.suffixes)
-        return [f for f in files if f.suffix != ".png" or mask.ndim == 3]
+        files = [f for f in mask_files(source, self.output_dir, self.suffixes) if f.suffix != ".png" or mask.ndim == 3]
+        return files + list(extra_files(source, self.output_dir, self.explain, self.dicom_seg).values())
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         for key in self.key_iterator(d):
             mask = d[key]
+            source = mask.meta.get(ImageMetaKey.FILENAME_OR_OBJ)
             targets = self.targets(mask)
             for target in targets:
                 if target.exists() and not self.overwrite:
                     raise FileExistsError(f"output {target} exists; pass --overwrite to replace it")
+            extras = extra_files(source, self.output_dir, self.explain, self.dicom_seg)
             array = mask[0].detach().cpu().numpy()
-            for target in targets:
+            maps = {}
+            for name in EXPLANATION_MAPS if self.explain else ():
+                if name not in d:
+                    raise ValueError(f"explain: the data of {source} hold no {name!r} map: the network must be the "
+                                     f"model's explain (the bundle's explain knob sets it)")
+                maps[extras[name]] = d[name][0].detach().cpu().numpy().astype(np.float32)
+            seg = None
+            if self.dicom_seg:  # built before anything is written: an input it refuses leaves no file
+                check_dicom_seg_input(source)
+                seg = dicom_segmentation(array, mask.meta, d.get(self.prompt_key, self.prompt),
+                                         self.dicom_seg_parameters)
+            for target in targets[: len(targets) - len(extras)]:
                 write_mask(array, mask.meta, target, self.png_scale)
-            logger.info("wrote the mask of %s: %s", mask.meta.get(ImageMetaKey.FILENAME_OR_OBJ),
-                        ", ".join(map(str, targets)))
+            for target, values in maps.items():
+                write_nifti(values, mask.meta, target)
+            if seg is not None:
+                write_dicom(seg, extras["seg"])
+            logger.info("wrote the mask of %s: %s", source, ", ".join(map(str, targets)))
         return d
 
 

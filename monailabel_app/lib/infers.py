@@ -21,7 +21,13 @@ inference path (:mod:`causalclipseg.inference.predictor`); this task runs it wit
   package's :func:`~causalclipseg.io.writers.write_mask`) in the
   app's own folder, never in the system temp folder: MONAI Label's client saves a result as ``<its temp
   folder>/<the server's file name>`` and the ``/infer`` endpoint deletes the server's file after answering, so with
-  a local client (both in the system temp folder) that clean-up would delete the user's copy.
+  a local client (both in the system temp folder) that clean-up would delete the user's copy;
+- explanations on request: MONAI Label answers one file per request, so the request's ``result_map`` chooses it:
+  ``mask`` (the default), ``probability`` or ``causal_mask``. For the two maps the network is the model's
+  ``explain`` (the bundle's ``explain`` knob does the same), whose causal mask the bundle's postprocessing
+  (``SplitExplanationd``) brings back to the input's grid beside the lesion probability, and the file is that map,
+  float32 in [0, 1] on the request image's grid (:func:`~causalclipseg.io.writers.write_nifti`): the values
+  ``causalclipseg predict --explain`` writes.
 
 The bundle's configs are parsed once, at start; requests do not re-parse them, so concurrent requests are safe.
 """
@@ -51,17 +57,19 @@ from causalclipseg.factory import load_state_dict
 from causalclipseg.inference.predictor import inference_ready
 from causalclipseg.inference.prompts import ModelTokensd, model_tokens
 from causalclipseg.io.inputs import PICTURE_SUFFIXES, file_suffix, list_inputs
-from causalclipseg.io.writers import SaveMaskd, write_mask
+from causalclipseg.io.writers import EXPLANATION_MAPS, SaveMaskd, write_mask, write_nifti
 from causalclipseg.tokenizer import validate_prompt
 
 from .common import BadRequestError, describe_source
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PromptTokensd", "TextPromptSegmentation", "RESULT_EXTENSIONS"]
+__all__ = ["PromptTokensd", "TextPromptSegmentation", "RESULT_EXTENSIONS", "RESULT_MAPS"]
 
 #: label file formats a request may ask for with ``result_extension``
 RESULT_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".png")
+#: what a request may ask for with ``result_map``: the mask (the default), or one of the explanation maps
+RESULT_MAPS = ("mask", *EXPLANATION_MAPS)
 
 
 
@@ -90,15 +98,16 @@ class PromptTokensd:
     """First pre-transform: checks the request's knobs.
 
     ``data["prompt"]`` must be text the tokenizer takes; ``data["prompt_side"]`` (``patient``, the default, or
-    ``viewer``: whose left the prompt's "left" is); ``data["threshold"]`` -> float in (0, 1). The token ids are made
-    when the served network is known (:meth:`TextPromptSegmentation._get_network`), in its weights' convention.
+    ``viewer``: whose left the prompt's "left" is); ``data["threshold"]`` -> float in (0, 1); ``data["result_map"]``
+    (``mask``, the default, or an explanation map: :data:`RESULT_MAPS`). The token ids are made when the served
+    network is known (:meth:`TextPromptSegmentation._get_network`), in its weights' convention.
 
     Args:
         tokenize: the model's tokenizer (validates the prompt).
 
     Raises:
-        BadRequestError: for a prompt that is not text or is empty, an unknown prompt side, or a threshold outside
-            (0, 1).
+        BadRequestError: for a prompt that is not text or is empty, an unknown prompt side, a threshold outside
+            (0, 1), an unknown result map, or a map asked for as a PNG.
     """
 
     def __init__(self, tokenize: Callable[[str], torch.Tensor]) -> None:
@@ -125,6 +134,15 @@ class PromptTokensd:
             d["threshold"] = float("nan")
         if not 0.0 < d["threshold"] < 1.0:
             raise BadRequestError(f"threshold must be a number in (0, 1), got {threshold!r}")
+        result_map = d.get("result_map")
+        if isinstance(result_map, (list, tuple)):  # the config's list of choices, sent back as it is: its first
+            result_map = result_map[0] if result_map else None
+        d["result_map"] = result_map = result_map or "mask"
+        if result_map not in RESULT_MAPS:
+            raise BadRequestError(f"result_map must be one of {', '.join(RESULT_MAPS)}, got {result_map!r}")
+        if result_map != "mask" and d.get("result_extension") == ".png":
+            raise BadRequestError(f"result_map {result_map} is a float32 map, which a PNG cannot hold: ask for "
+                                  f"result_extension .nii.gz, .nii or .nrrd")
         return d
 
 
@@ -155,8 +173,9 @@ class TextPromptSegmentation(BundleInferTask):
     """The bundle served with a prompt per request; the label comes back on the request image's grid.
 
     Config (``/info``, settable per request): ``prompt`` (default: the bundle's, or ``--conf prompt``),
-    ``threshold`` (default: the bundle's), ``device`` (``auto``, ``cpu``, ``cuda``), and MONAI Label's
-    ``result_extension`` (``.png`` for pictures, ``.nii.gz`` otherwise; also ``.nii`` and ``.nrrd``).
+    ``threshold`` (default: the bundle's), ``device`` (``auto``, ``cpu``, ``cuda``), ``result_map`` (``mask``,
+    ``probability``, ``causal_mask``: which volume the answer's file holds), and MONAI Label's ``result_extension``
+    (``.png`` for a picture's mask, ``.nii.gz`` otherwise; also ``.nii`` and ``.nrrd``).
 
     Args:
         bundle_dir: the MONAI bundle (``configs/``, ``models/model.pt``).
@@ -188,7 +207,7 @@ class TextPromptSegmentation(BundleInferTask):
         default_prompt = prompt if prompt is not None else self.bundle_config.get_parsed_content("prompt_text")
         PromptTokensd(self.network.tokenize)({"prompt": default_prompt, "threshold": 0.5})  # fail at start
         self._config.update({"prompt": default_prompt, "prompt_side": ["patient", "viewer"],
-                             "threshold": float(self.bundle_config["threshold"])})
+                             "threshold": float(self.bundle_config["threshold"]), "result_map": list(RESULT_MAPS)})
 
         parsed = self.bundle_config.get_parsed_content
         pre = parsed(self.const.key_preprocessing()[0])
@@ -248,11 +267,22 @@ class TextPromptSegmentation(BundleInferTask):
 
     def _get_network(self, device, data):
         """The network for ``device`` with the request's tokens bound (shared by concurrent requests): the prompt
-        translated to the laterality convention of the weights served (a fine-tuned file records its own)."""
+        translated to the laterality convention of the weights served (a fine-tuned file records its own); for an
+        explanation map (``result_map``), the model's ``explain`` (logits and causal mask).
+
+        Raises:
+            BadRequestError: for an explanation map from a model without a causal module.
+        """
         network, path = self._network(device)
         data["weights"] = os.path.basename(path)
         tokens = model_tokens(network, data["prompt"], data["prompt_side"])
-        return functools.partial(network, text=tokens.to(torch.device(device)))
+        forward = network
+        if data.get("result_map", "mask") != "mask":
+            if getattr(network, "intervention", None) is None:
+                raise BadRequestError(f"result_map {data['result_map']} needs a model with a causal module; the "
+                                      f"served {self.bundle_config['model_name']!r} has none: ask for the mask")
+            forward = network.explain
+        return functools.partial(forward, text=tokens.to(torch.device(device)))
 
     def post_transforms(self, data=None) -> Sequence[Callable]:
         threshold = data["threshold"]
@@ -261,14 +291,16 @@ class TextPromptSegmentation(BundleInferTask):
 
     # ------------------------------------------------------------------------------------------- the label
     def writer(self, data: dict, extension: str | None = None, dtype: Any = None) -> tuple[str, dict]:
-        """Write the mask (values 0 background, 1 lesion, uint8) on the request image's grid to a temporary file.
+        """Write the mask (values 0 background, 1 lesion, uint8), or the explanation map the request asked for
+        (``result_map``: float32 in [0, 1]), on the request image's grid to a temporary file.
 
         The file lies in ``label_dir``, where no client saves its copy under the same name; MONAI Label's ``/infer``
         endpoint deletes it after answering.
 
         Pictures (PNG/JPEG/BMP/TIFF) give a PNG with the picture's rows and columns; NIfTI inputs a NIfTI with the
-        input's own header and affine; DICOM and NRRD inputs a NIfTI with the geometry MONAI read (RAS).
-        ``result_extension`` picks another format: ``.nii.gz``/``.nii`` (any input), ``.nrrd``, ``.png`` (2-D only).
+        input's own header and affine; DICOM and NRRD inputs a NIfTI with the geometry MONAI read (RAS); a map is a
+        NIfTI for every input. ``result_extension`` picks another format: ``.nii.gz``/``.nii`` (any input),
+        ``.nrrd``, ``.png`` (a 2-D image's mask only).
 
         Raises:
             BadRequestError: for an unknown ``result_extension`` or a PNG asked for a volume.
@@ -277,7 +309,9 @@ class TextPromptSegmentation(BundleInferTask):
         label = data[self.output_label_key]  # back on the input's grid (Invertd), with the input's affine
         image = label if hasattr(label, "affine") else data[self.input_key]
         mask = label[0].detach().cpu().numpy().astype(np.uint8)  # (X, Y) or (X, Y, Z)
-        picture = file_suffix(source) in PICTURE_SUFFIXES
+        result_map = data.get("result_map", "mask")
+        values = mask if result_map == "mask" else data[result_map][0].detach().cpu().numpy().astype(np.float32)
+        picture = file_suffix(source) in PICTURE_SUFFIXES and result_map == "mask"
         ext = extension or data.get("result_extension") or (".png" if picture else ".nii.gz")
         if ext not in RESULT_EXTENSIONS:
             raise BadRequestError(f"result_extension must be one of {', '.join(RESULT_EXTENSIONS)}, got {ext!r}")
@@ -285,16 +319,20 @@ class TextPromptSegmentation(BundleInferTask):
             raise BadRequestError(f"result_extension .png needs a 2-D image; this one is a volume of shape "
                                   f"{mask.shape}: use .nii.gz")
         self.label_dir.mkdir(parents=True, exist_ok=True)
-        fd, target = tempfile.mkstemp(suffix=ext, prefix="causalclipseg_label_", dir=self.label_dir)
+        prefix = "causalclipseg_label_" if result_map == "mask" else f"causalclipseg_{result_map}_"
+        fd, target = tempfile.mkstemp(suffix=ext, prefix=prefix, dir=self.label_dir)
         os.close(fd)
+        meta = {**getattr(image, "meta", {}), "filename_or_obj": source, "affine": torch.as_tensor(_affine_4x4(image))}
         try:
             if ext == ".nrrd":
                 from monailabel.transform.writer import write_itk
 
-                write_itk(mask if mask.ndim == 3 else mask[..., None], target, _affine_4x4(image), np.uint8, True)
-            else:  # the package's writer: PNG rows x columns, NIfTI with a NIfTI input's own header or the affine read
-                write_mask(mask, {**getattr(image, "meta", {}), "filename_or_obj": source, "affine":
-                                  torch.as_tensor(_affine_4x4(image))}, target, png_scale=1)
+                write_itk(values if values.ndim == 3 else values[..., None], target, _affine_4x4(image), values.dtype,
+                          True)
+            elif result_map == "mask":  # the package's writer: PNG rows x columns, NIfTI with a NIfTI input's own
+                write_mask(mask, meta, target, png_scale=1)  # header or the affine read
+            else:  # a map, as `causalclipseg predict --explain` writes it
+                write_nifti(values, meta, target)
         except BaseException:
             Path(target).unlink(missing_ok=True)
             raise
@@ -303,8 +341,12 @@ class TextPromptSegmentation(BundleInferTask):
             "prompt_side": data["prompt_side"],
             "threshold": data["threshold"],
             "weights": data.get("weights"),
+            "result_map": result_map,
             "label_values": {"background": 0, "lesion": 1},
             "lesion_fraction": round(float(mask.mean()), 6),
             "shape": list(mask.shape),
         }
+        if result_map != "mask":
+            del result["label_values"]
+            result["value_range"] = [round(float(values.min()), 6), round(float(values.max()), 6)]
         return target, result

@@ -1,8 +1,8 @@
 """TextPromptSegmentation: segment what a text prompt describes (CausalCLIPSeg) in 3D Slicer.
 
-Slicer's process never imports torch: the local backend runs ``causalclipseg predict`` in a subprocess, the
-remote backend asks a MONAI Label server. Everything that does not need Slicer lives in
-``TextPromptSegmentationLib`` and is tested with pytest outside Slicer.
+Slicer's process never imports torch: the local backend runs the package in a subprocess (one ``causalclipseg
+worker`` kept between runs, or ``causalclipseg predict`` per run), the remote backend asks a MONAI Label server.
+Everything that does not need Slicer lives in ``TextPromptSegmentationLib`` and is tested with pytest outside Slicer.
 """
 
 from __future__ import annotations
@@ -26,11 +26,12 @@ from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModuleTest,
     ScriptedLoadableModuleWidget,
 )
-from TextPromptSegmentationLib import dependencies, monailabel_client, segments, volume_io
+from TextPromptSegmentationLib import dependencies, explanations, monailabel_client, segments, volume_io, worker
 from TextPromptSegmentationLib.request import (
     DEVICES,
     EXAMPLE_PROMPTS,
     PROMPT_SIDES,
+    REMOTE_EXPLAIN_NOTE,
     SegmentationRequest,
     build_predict_command,
     child_environment,
@@ -117,6 +118,7 @@ class TextPromptSegmentationWidget(ScriptedLoadableModuleWidget):
             settings.value(SETTINGS + "Device", "auto")))
         self.ui.promptSideComboBox.currentIndex = max(0, self.ui.promptSideComboBox.findData(
             settings.value(SETTINGS + "PromptSide", "patient")))
+        self.ui.explainCheckBox.checked = str(settings.value(SETTINGS + "Explain", "false")).lower() == "true"
 
         self.ui.examplePromptComboBox.connect("activated(int)", self.onExamplePrompt)
         self.ui.backendComboBox.connect("currentIndexChanged(int)", self.updateButtons)
@@ -132,11 +134,12 @@ class TextPromptSegmentationWidget(ScriptedLoadableModuleWidget):
         self.updateButtons()
 
     def cleanup(self) -> None:
-        """Stop a running segmentation when the module is closed."""
+        """Stop a running segmentation and the model process when the module is closed."""
         if self.timer is not None:
             self.timer.stop()
         if self.logic is not None:
             self.logic.cancel()
+        worker.stop_shared_worker()
 
     @contextlib.contextmanager
     def errorsInDialog(self, title: str) -> Iterator[None]:
@@ -171,7 +174,8 @@ class TextPromptSegmentationWidget(ScriptedLoadableModuleWidget):
         self.ui.checkpointPathLineEdit.enabled = not remote and not running
         for widget in (self.ui.inputVolumeSelector, self.ui.promptTextEdit, self.ui.examplePromptComboBox,
                        self.ui.promptSideComboBox, self.ui.backendComboBox, self.ui.deviceComboBox,
-                       self.ui.thresholdSliderWidget, self.ui.outputSegmentationSelector, self.ui.installButton):
+                       self.ui.thresholdSliderWidget, self.ui.outputSegmentationSelector, self.ui.installButton,
+                       self.ui.explainCheckBox):
             widget.enabled = not running
         if running:
             self.ui.segmentButton.text = "Cancel"
@@ -201,11 +205,18 @@ class TextPromptSegmentationWidget(ScriptedLoadableModuleWidget):
         settings.setValue(SETTINGS + "Backend", self.backend())
         settings.setValue(SETTINGS + "Device", self.ui.deviceComboBox.currentData)
         settings.setValue(SETTINGS + "PromptSide", self.ui.promptSideComboBox.currentData)
+        settings.setValue(SETTINGS + "Explain", "true" if self.ui.explainCheckBox.checked else "false")
 
     def configureLogic(self) -> None:
-        """Hand the advanced settings to the logic."""
+        """Hand the advanced settings to the logic (the worker's idle timeout is a setting without a widget)."""
         self.logic.pythonExecutable = self.ui.pythonPathLineEdit.currentPath.strip() or None
         self.logic.packageRequirement = self.ui.packageLineEdit.text.strip() or DEFAULT_PACKAGE
+        idle = qt.QSettings().value(SETTINGS + "WorkerIdleTimeout", worker.DEFAULT_IDLE_TIMEOUT)
+        try:
+            self.logic.workerIdleTimeout = float(idle)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"the setting {SETTINGS}WorkerIdleTimeout must be seconds (0: no model process kept), "
+                             f"got {idle!r}") from err
 
     def ensureDependencies(self, always_ask: bool = False) -> bool:
         """Install what is missing after the user agrees; ``False`` if they decline."""
@@ -250,7 +261,7 @@ class TextPromptSegmentationWidget(ScriptedLoadableModuleWidget):
                 prompt=self.prompt(), device=self.ui.deviceComboBox.currentData,
                 threshold=float(self.ui.thresholdSliderWidget.value),
                 checkpoint=self.ui.checkpointPathLineEdit.currentPath.strip() or None,
-                prompt_side=self.ui.promptSideComboBox.currentData)
+                prompt_side=self.ui.promptSideComboBox.currentData, explain=bool(self.ui.explainCheckBox.checked))
             if self.ui.outputSegmentationSelector.currentNode() is None:
                 self.ui.outputSegmentationSelector.addNode()
             self.logic.start(self.ui.inputVolumeSelector.currentNode(), request, self.backend(),
@@ -279,7 +290,19 @@ class TextPromptSegmentationWidget(ScriptedLoadableModuleWidget):
                 status = "Cancelled."
             else:
                 status = f"Done: segment '{self.logic.finish(self.ui.outputSegmentationSelector.currentNode())}'."
+                self.showExplanations()
         self.finishRun(status)
+
+    def showExplanations(self) -> None:
+        """Show the first explanation map of the last run over the input in the slice views."""
+        volumes = self.logic.explanationVolumes
+        if not volumes:
+            return
+        slicer.util.setSliceViewerLayers(background=self.ui.inputVolumeSelector.currentNode(), foreground=volumes[0],
+                                         foregroundOpacity=explanations.FOREGROUND_OPACITY)
+        others = ", ".join(f"'{v.GetName()}'" for v in volumes[1:])
+        self.appendLog(f"Shown over the input: '{volumes[0].GetName()}'."
+                       + (f" Also in the scene: {others} (choose it as a slice view's foreground)." if others else ""))
 
     def finishRun(self, status: str) -> None:
         """Put the panel back into its idle state, showing ``status``."""
@@ -302,6 +325,10 @@ class TextPromptSegmentationLogic(ScriptedLoadableModuleLogic):
         logCallback: called with each log line; ``None`` logs with ``logging``.
         pythonExecutable: interpreter with the ``causalclipseg`` package; ``None`` uses Slicer's own.
         packageRequirement: what pip installs for the local backend (a name, a wheel or a source folder).
+        workerIdleTimeout: seconds the local backend's model process stays loaded after a run (one per session, see
+            ``TextPromptSegmentationLib.worker``); 0 runs ``causalclipseg predict`` in a new process each time.
+        explanationVolumes: the scalar volumes :meth:`finish` made for a request with ``explain`` (probability
+            first, then the causal mask); empty otherwise.
     """
 
     def __init__(self) -> None:
@@ -309,12 +336,15 @@ class TextPromptSegmentationLogic(ScriptedLoadableModuleLogic):
         self.logCallback: Callable[[str], None] | None = None
         self.pythonExecutable: str | None = None
         self.packageRequirement = DEFAULT_PACKAGE
-        self._run: ProcessRunner | BackgroundCall | None = None
+        self.workerIdleTimeout = worker.DEFAULT_IDLE_TIMEOUT
+        self.explanationVolumes: list[slicer.vtkMRMLScalarVolumeNode] = []
+        self._run: ProcessRunner | worker.WorkerRun | BackgroundCall | None = None
         self._job = None
         self._backend = LOCAL
         self._input: slicer.vtkMRMLScalarVolumeNode | None = None
         self._grid: tuple[tuple[int, int, int], np.ndarray] | None = None
         self._prompt = ""
+        self._explain = False
 
     def log(self, text: str) -> None:
         """Report a line."""
@@ -387,15 +417,22 @@ class TextPromptSegmentationLogic(ScriptedLoadableModuleLogic):
         self._job = prepare_job(folder, request, array, matrix)
         self._grid, self._input, self._prompt, self._backend = (array.shape, matrix), inputVolume, request.prompt, \
             backend
+        self._explain, self.explanationVolumes = request.explain and backend == LOCAL, []
         self.log(f"Input {inputVolume.GetName()}: {array.shape[2]} x {array.shape[1]} x {array.shape[0]} voxels; "
                  f"job folder {folder}")
         self.log(f"'Left' and 'right' in the prompt: the {request.prompt_side}'s sides")
         if backend == LOCAL:
             python, own = self.interpreter()
-            command = build_predict_command(python, self._job.request_file)
-            self.log("Running: " + " ".join(command))
-            self._run = ProcessRunner(command, env=child_environment(os.environ, own), cwd=folder)
+            env = child_environment(os.environ, own)
+            if self.workerIdleTimeout > 0:  # the session's model process; its first lines say which one
+                self._run = worker.shared_worker().submit(python, self._job.request_file, env, self.workerIdleTimeout)
+            else:
+                command = build_predict_command(python, self._job.request_file)
+                self.log("Running: " + " ".join(command))
+                self._run = ProcessRunner(command, env=env, cwd=folder)
         else:
+            if request.explain:
+                self.log(REMOTE_EXPLAIN_NOTE)
             params = request.server_params()
             self.log(f"Sending the image to {monailabel_client.normalise_url(serverUrl)} (model {serverModel!r})")
             self._run = BackgroundCall(monailabel_client.infer, serverUrl, serverModel, self._job.input_file, params,
@@ -423,10 +460,10 @@ class TextPromptSegmentationLogic(ScriptedLoadableModuleLogic):
         if self._run is None or self._run.state is not RunState.SUCCEEDED:
             if self._job is not None and self._run is not None and self._run.state is RunState.FAILED:
                 self.log(f"The job folder is kept to look into or repeat by hand: {self._job.folder}")
-            if isinstance(self._run, ProcessRunner):
-                self._run.raise_for_status()
-            elif isinstance(self._run, BackgroundCall):
+            if isinstance(self._run, BackgroundCall):
                 self._run.result()
+            elif self._run is not None:
+                self._run.raise_for_status()
             raise ValueError("no finished segmentation to read")
         if isinstance(self._run, BackgroundCall):
             maskFile = self._run.result()
@@ -446,9 +483,30 @@ class TextPromptSegmentationLogic(ScriptedLoadableModuleLogic):
         slicer.util.updateSegmentBinaryLabelmapFromArray((mask > 0).astype(np.uint8), outputSegmentation, segmentId,
                                                          self._input)
         self.log(f"Segment '{name}': {int((mask > 0).sum())} voxels.")
+        self.explanationVolumes = []
+        if self._explain:
+            maps = explanations.read_explanations(self._job.explanation_files, shape, matrix)
+            self.explanationVolumes = [self.explanationVolume(kind, values) for kind, values in maps.items()]
+            self.log("Explanation maps: " + ", ".join(f"'{v.GetName()}'" for v in self.explanationVolumes))
         shutil.rmtree(self._job.folder, ignore_errors=True)
         self._run = None
         return name
+
+    def explanationVolume(self, kind: str, values: np.ndarray) -> slicer.vtkMRMLScalarVolumeNode:
+        """A scalar volume of an explanation map on the input's grid, named after the prompt and the kind (the volume
+        of that name is updated), displayed as ``explanations.STYLES[kind]`` says."""
+        name = explanations.explanation_name(self._prompt, kind)
+        node = slicer.mrmlScene.GetFirstNodeByName(name)
+        if node is None or node.GetClassName() != "vtkMRMLScalarVolumeNode":
+            node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
+        node.SetIJKToRASMatrix(slicer.util.vtkMatrixFromArray(self._grid[1]))
+        slicer.util.updateVolumeFromArray(node, values)
+        node.SetAndObserveTransformNodeID(self._input.GetTransformNodeID())
+        node.CreateDefaultDisplayNodes()
+        low, high = explanations.style_display(node.GetDisplayNode(), kind, values)
+        self.log(f"'{name}': values {float(values.min()):.3f} to {float(values.max()):.3f}, colours span "
+                 f"{low:.3f} to {high:.3f}")
+        return node
 
     def process(self, inputVolume: slicer.vtkMRMLScalarVolumeNode, outputSegmentation: slicer.vtkMRMLSegmentationNode,
                 request: SegmentationRequest, backend: str = LOCAL, serverUrl: str = DEFAULT_SERVER,
@@ -461,11 +519,11 @@ class TextPromptSegmentationLogic(ScriptedLoadableModuleLogic):
         """
         self.start(inputVolume, request, backend, serverUrl, serverModel)
         try:
-            if isinstance(self._run, ProcessRunner):
+            if isinstance(self._run, BackgroundCall):
+                self._run.wait(timeout)
+            else:
                 self._run.wait(timeout, on_update=lambda update: [self.log(line) for line in update.lines
                                                                   if parse_progress(line) is None])
-            else:
-                self._run.wait(timeout)
         except TimeoutError:
             self.cancel()
             raise

@@ -6,10 +6,12 @@ A job folder holds everything one run needs and leaves behind, so that a failed 
     job/
       input.nii.gz      the volume, on its exact geometry (see :mod:`.volume_io`)
       prompt.txt        the prompt (any punctuation is safe in a file)
-      request.json      prompt, prompt side, device, threshold, model, checkpoint, input and output paths
-      output/           where ``causalclipseg predict`` writes ``input_mask.nii.gz``
+      request.json      prompt, prompt side, device, threshold, model, checkpoint, explain, input and output paths
+      output/           where ``causalclipseg predict`` (or ``causalclipseg worker``) writes ``input_mask.nii.gz``, and
+                        with ``explain`` ``input_probability.nii.gz`` and ``input_causal_mask.nii.gz``
 
-The command is built from ``request.json`` alone, so that the file is the single record of what was asked.
+The command is built from ``request.json`` alone, and the model worker (:mod:`.worker`) is sent its path, so that the
+file is the single record of what was asked.
 """
 
 from __future__ import annotations
@@ -25,8 +27,8 @@ import numpy as np
 
 from .volume_io import write_volume
 
-__all__ = ["DEVICES", "PROMPT_SIDES", "EXAMPLE_PROMPTS", "SegmentationRequest", "LocalJob", "prepare_job",
-           "load_request", "build_predict_command", "child_environment"]
+__all__ = ["DEVICES", "PROMPT_SIDES", "EXAMPLE_PROMPTS", "REMOTE_EXPLAIN_NOTE", "SegmentationRequest", "LocalJob",
+           "prepare_job", "load_request", "build_predict_command", "child_environment"]
 
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -43,6 +45,10 @@ EXAMPLE_PROMPTS = (
     "Unilateral pulmonary infection, one infected area, middle right lung.",
     "Bilateral pulmonary infection, multiple infected areas, all left lung and all right lung.",
 )
+
+# What the remote backend says when explanations are asked of it: it asks the server for the segment alone.
+REMOTE_EXPLAIN_NOTE = ("Explanations (probability and causal-mask maps) need the local backend (this computer); from a "
+                       "MONAI Label server this module gets the segment only.")
 
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 REQUEST_FILE = "request.json"
@@ -63,9 +69,12 @@ class SegmentationRequest:
         checkpoint: weights file; ``None`` uses the weights shipped with the package.
         prompt_side: whose left "left" in the prompt is: ``patient`` (as clinicians say; in Slicer's default views the
             patient's left is on the screen's right) or ``viewer`` (the screen's sides, as QaTa-COV19's captions).
+        explain: also write the lesion probability and the causal mask as float maps on the input's grid
+            (``causalclipseg predict --explain``; local backend only).
 
     Raises:
-        ValueError: for an empty prompt, an unknown device, a threshold outside (0, 1) or an unknown prompt side.
+        ValueError: for an empty prompt, an unknown device, a threshold outside (0, 1), an unknown prompt side or an
+            ``explain`` that is not a boolean.
     """
 
     prompt: str
@@ -74,6 +83,7 @@ class SegmentationRequest:
     model: str | None = None
     checkpoint: str | None = None
     prompt_side: str = "patient"
+    explain: bool = False
 
     def __post_init__(self) -> None:
         if not self.prompt.strip():
@@ -85,6 +95,8 @@ class SegmentationRequest:
         if self.prompt_side not in PROMPT_SIDES:
             raise ValueError(f"prompt_side must be patient or viewer (whose left 'left' means), "
                              f"got {self.prompt_side!r}")
+        if not isinstance(self.explain, bool):
+            raise ValueError(f"explain must be true or false, got {self.explain!r}")
         if self.checkpoint is not None and not self.checkpoint.strip():
             object.__setattr__(self, "checkpoint", None)
         if self.model is not None and not self.model.strip():
@@ -109,6 +121,12 @@ class LocalJob:
     def mask_file(self) -> Path:
         """Where ``causalclipseg predict`` writes the mask for :attr:`input_file`."""
         return self.output_dir / "input_mask.nii.gz"
+
+    @property
+    def explanation_files(self) -> dict[str, Path]:
+        """Where ``causalclipseg predict --explain`` writes its float maps for :attr:`input_file`, by kind."""
+        return {"probability": self.output_dir / "input_probability.nii.gz",
+                "causal mask": self.output_dir / "input_causal_mask.nii.gz"}
 
 
 def prepare_job(folder: str | os.PathLike, request: SegmentationRequest, array_kji: np.ndarray,
@@ -138,7 +156,8 @@ def prepare_job(folder: str | os.PathLike, request: SegmentationRequest, array_k
 
 
 def load_request(request_file: str | os.PathLike) -> dict:
-    """Read ``request.json``, checking its fields; a request written before ``prompt_side`` existed gets ``patient``.
+    """Read ``request.json``, checking its fields; a request written before ``prompt_side`` or ``explain`` existed gets
+    ``patient`` and ``false``.
 
     Raises:
         ValueError: if the file is not a request written by :func:`prepare_job`.
@@ -152,13 +171,15 @@ def load_request(request_file: str | os.PathLike) -> dict:
     if missing:
         raise ValueError(f"the request {request_file} lacks {', '.join(missing)}")
     record.setdefault("prompt_side", "patient")
+    record.setdefault("explain", False)
     SegmentationRequest(record["prompt"], record["device"], record["threshold"], record.get("model"),
-                        record.get("checkpoint"), record["prompt_side"])  # validates
+                        record.get("checkpoint"), record["prompt_side"], record["explain"])  # validates
     return record
 
 
 def build_predict_command(python: str | os.PathLike, request_file: str | os.PathLike) -> list[str]:
-    """``python -m causalclipseg.cli predict INPUT --prompt-file ... --prompt-side ... ...`` for a request file.
+    """``python -m causalclipseg.cli predict INPUT --prompt-file ... --prompt-side ... ... [--explain]`` for a request
+    file.
 
     Args:
         python: the interpreter that has the ``causalclipseg`` package (Slicer's ``PythonSlicer``, or another).
@@ -176,6 +197,8 @@ def build_predict_command(python: str | os.PathLike, request_file: str | os.Path
         command += ["--model", record["model"]]
     if record.get("checkpoint"):
         command += ["--checkpoint", record["checkpoint"]]
+    if record["explain"]:
+        command.append("--explain")
     return command
 
 

@@ -2,7 +2,8 @@
 
 A Qt widget polls :meth:`ProcessRunner.poll` from a timer; a script calls :meth:`ProcessRunner.wait`. Output
 is read by one thread per stream into a queue; carriage returns (tqdm progress bars) end a line too, so
-progress arrives while it is drawn, not when the bar finishes.
+progress arrives while it is drawn, not when the bar finishes. A long-lived process (the model worker of
+:mod:`.worker`) gets a stdin pipe to send requests on (``stdin_pipe``, :meth:`ProcessRunner.send_line`).
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import IO, Any
 
-__all__ = ["RunState", "RunUpdate", "ProcessFailedError", "ProcessRunner", "BackgroundCall", "parse_progress"]
+__all__ = ["RunState", "RunUpdate", "ProcessFailedError", "ProcessRunner", "BackgroundCall", "parse_progress",
+           "wait_for"]
 
 _TQDM_PERCENT = re.compile(r"(\d{1,3})%\|")
 _ERROR_PREFIX = "error: "
@@ -94,6 +96,31 @@ def _read_stream(stream: IO[bytes], name: str, sink: queue.Queue) -> None:
         sink.put((name, None))
 
 
+def wait_for(run: Any, timeout: float | None = None, on_update: Callable[[RunUpdate], None] | None = None,
+             interval: float = 0.05, what: str = "the run") -> RunState:
+    """Poll ``run`` (anything with ``poll() -> RunUpdate``) until it ends.
+
+    Args:
+        timeout: seconds; ``None`` waits as long as it takes.
+        on_update: called with each update that has lines or a new state.
+        interval: seconds between polls.
+        what: how the timeout message names the run.
+
+    Raises:
+        TimeoutError: if the run has not ended within ``timeout`` (it keeps running; cancel it).
+    """
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        update = run.poll()
+        if on_update is not None and (update.lines or update.state.done):
+            on_update(update)
+        if update.state.done or update.state is RunState.NOT_STARTED:
+            return update.state
+        if deadline is not None and time.monotonic() > deadline:
+            raise TimeoutError(f"{what} still running after {timeout} s")
+        time.sleep(interval)
+
+
 class ProcessRunner:
     """One run of a command: start, poll, wait, cancel.
 
@@ -106,16 +133,18 @@ class ProcessRunner:
             that a Python child's output arrives as it is printed.
         cwd: working folder.
         progress_parser: maps an output line to progress in [0, 1] or ``None``.
+        stdin_pipe: give the command a stdin pipe for :meth:`send_line` (else it reads nothing).
     """
 
     def __init__(self, command: Sequence[str], env: Mapping[str, str] | None = None, cwd: str | None = None,
-                 progress_parser: Callable[[str], float | None] = parse_progress) -> None:
+                 progress_parser: Callable[[str], float | None] = parse_progress, stdin_pipe: bool = False) -> None:
         if not command:
             raise ValueError("command is empty")
         self.command = [str(part) for part in command]
         self.env = dict(os.environ if env is None else env, PYTHONUNBUFFERED="1")
         self.cwd = cwd
         self.progress_parser = progress_parser
+        self.stdin_pipe = stdin_pipe
         self._process: subprocess.Popen | None = None
         self._queue: queue.Queue = queue.Queue()
         self._open_streams = 0
@@ -140,6 +169,11 @@ class ProcessRunner:
         """The exit status once the child has exited."""
         return self._process.returncode if self._process else None
 
+    @property
+    def alive(self) -> bool:
+        """Whether the child has been started and not yet exited (its last output may still be unread)."""
+        return self._process is not None and self._process.poll() is None
+
     def start(self) -> None:
         """Start the command.
 
@@ -155,7 +189,8 @@ class ProcessRunner:
         else:
             kwargs["start_new_session"] = True
         try:
-            self._process = subprocess.Popen(self.command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            stdin = subprocess.PIPE if self.stdin_pipe else subprocess.DEVNULL
+            self._process = subprocess.Popen(self.command, stdin=stdin, stdout=subprocess.PIPE,
                                              stderr=subprocess.PIPE, env=self.env, cwd=self.cwd, **kwargs)
         except FileNotFoundError as err:
             raise FileNotFoundError(f"cannot start {self.command[0]}: program not found") from err
@@ -164,6 +199,23 @@ class ProcessRunner:
             threading.Thread(target=_read_stream, args=(stream, name, self._queue), daemon=True,
                              name=f"ProcessRunner-{name}").start()
             self._open_streams += 1
+
+    def send_line(self, text: str) -> None:
+        """Write ``text`` and a newline to the command's stdin.
+
+        Raises:
+            RuntimeError: without ``stdin_pipe``, before start, or once the command has exited or closed its stdin.
+            ValueError: if ``text`` holds a line break.
+        """
+        if self._process is None or self._process.stdin is None:
+            raise RuntimeError("this run has no stdin pipe: start it with stdin_pipe=True")
+        if "\n" in text or "\r" in text:
+            raise ValueError(f"a line cannot contain a line break, got {text!r}")
+        try:
+            self._process.stdin.write(text.encode("utf-8") + b"\n")
+            self._process.stdin.flush()
+        except (BrokenPipeError, OSError, ValueError) as err:
+            raise RuntimeError(f"cannot write to {os.path.basename(self.command[0])}: it has exited ({err})") from err
 
     def poll(self) -> RunUpdate:
         """New output and the current state; never blocks."""
@@ -209,16 +261,7 @@ class ProcessRunner:
         Raises:
             TimeoutError: if the run has not ended within ``timeout`` (it keeps running; cancel it).
         """
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            update = self.poll()
-            if on_update is not None and (update.lines or update.state.done):
-                on_update(update)
-            if update.state.done or update.state is RunState.NOT_STARTED:
-                return update.state
-            if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"{os.path.basename(self.command[0])} still running after {timeout} s")
-            time.sleep(interval)
+        return wait_for(self, timeout, on_update, interval, os.path.basename(self.command[0]))
 
     def cancel(self, grace: float = 3.0) -> None:
         """Stop the command and everything it started: terminate, then kill what is left after ``grace`` s."""
