@@ -227,7 +227,9 @@ def test_bundle_dicom_seg_knob_is_off_by_default_and_documented():
 @pytest.mark.slow
 def test_bundle_dicom_seg_and_explain_write_what_predict_writes_for_dicom(inputs, tmp_path):
     """The bundle's ``dicom_seg`` and ``explain`` knobs, on a DX and a series: the files of ``predict --dicom-seg
-    --explain``, with the same values (the Segmentations' frames, the float maps and the masks)."""
+    --explain``, with the same values (the Segmentations' frames, the float maps and the masks); the mask is the
+    probability map thresholded. (The bundle's masks on pictures and NIfTI volumes are ``predict``'s too:
+    ``test_bundle.py``; the maps go through the same writer.)"""
     kinds = ("mirrored", "series")
     threshold = float(np.mean([inputs["thresholds"][k] for k in kinds]))
     assert cli.main(["predict", *(str(inputs[k]) for k in kinds), "--prompt", PROMPT, "--checkpoint",
@@ -250,6 +252,10 @@ def test_bundle_dicom_seg_and_explain_write_what_predict_writes_for_dicom(inputs
             assert ours.get_data_dtype() == theirs.get_data_dtype(), (kind, suffix)
             np.testing.assert_allclose(ours.affine, theirs.affine, atol=1e-6)
             np.testing.assert_array_equal(np.asarray(ours.dataobj), np.asarray(theirs.dataobj), err_msg=suffix)
+        mask, probability = (np.asarray(nib.load(tmp_path / "bundle" / f"{name}_{suffix}.nii.gz").dataobj)
+                             for suffix in ("mask", "probability"))
+        assert probability.dtype == np.float32 and 0 < mask.mean() < 1
+        np.testing.assert_array_equal(mask, (probability >= threshold).astype(mask.dtype), err_msg=kind)
         sources = _sources(inputs[kind])
         ours = _frames(tmp_path / "bundle" / f"{name}_seg.dcm", sources)
         _check_segmentation(tmp_path / "bundle" / f"{name}_seg.dcm", sources)

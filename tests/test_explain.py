@@ -3,10 +3,6 @@ grid, and the bundle's ``explain`` knob writes the same files with the same valu
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -102,42 +98,3 @@ def test_the_bundles_explain_network_is_the_models_explain():
         torch.testing.assert_close(ExplainNetwork(model)(image, tokens), model.explain(image, tokens), rtol=0, atol=0)
     with pytest.raises(ValueError, match="explain needs a model with a causal module"):
         ExplainNetwork(create_model("tiny-nocausal"))
-
-
-@pytest.mark.slow
-def test_bundle_explain_writes_what_predict_explain_writes(inputs, tmp_path):
-    """``explain`` in the bundle's inference.json: on a picture and an oblique volume, the files of ``predict
-    --explain`` (probability, causal mask, mask), with the same values, dtypes and geometry."""
-    threshold = float(np.median(Predictor("tiny", inputs["ckpt"], device="cpu").predict(inputs["nii"], PROMPT_A)
-                                .probability))
-    kinds = ("png", "nii")
-    assert cli.main(["predict", *(str(inputs[k]) for k in kinds), "--prompt", PROMPT_A, "--checkpoint",
-                     str(inputs["ckpt"]), "--device", "cpu", "--output-dir", str(tmp_path / "predict"), "--threshold",
-                     repr(threshold), "--explain"]) == 0
-    datalist = tmp_path / "inputs.json"
-    datalist.write_text(json.dumps({"testing": [{"image": str(inputs[k])} for k in kinds]}))
-    result = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json",
-                             "--ckpt_path", str(inputs["ckpt"]), "--progress", "False", "--input", str(datalist),
-                             "--output_dir", str(tmp_path / "bundle"), "--prompt", PROMPT_A, "--threshold",
-                             repr(threshold), "--explain", "True"], cwd=BUNDLE, timeout=300,
-                            env={**os.environ, "PYTHONWARNINGS": "ignore"}, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    assert result.returncode == 0, result.stdout[-3000:]
-    written = sorted(p.name for p in (tmp_path / "bundle").iterdir())
-    assert written == ["volume_causal_mask.nii.gz", "volume_mask.nii.gz", "volume_probability.nii.gz",
-                       "xray_causal_mask.nii.gz", "xray_mask.nii.gz", "xray_mask.png", "xray_probability.nii.gz"]
-    predicted = {p.name for p in (tmp_path / "predict").iterdir()} - {"xray_overlay.png"}
-    assert predicted == set(written) - {"xray_mask.nii.gz"}  # the bundle also writes a picture's mask as NIfTI
-    for name in sorted(predicted):
-        if name.endswith(".png"):
-            np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "bundle" / name)),
-                                          np.asarray(Image.open(tmp_path / "predict" / name)))
-            continue
-        ours, theirs = nib.load(tmp_path / "bundle" / name), nib.load(tmp_path / "predict" / name)
-        assert ours.get_data_dtype() == theirs.get_data_dtype() and ours.shape == theirs.shape, name
-        np.testing.assert_allclose(ours.affine, theirs.affine, atol=1e-6)
-        np.testing.assert_array_equal(np.asarray(ours.dataobj), np.asarray(theirs.dataobj), err_msg=name)
-    mask = np.asarray(nib.load(tmp_path / "bundle" / "volume_mask.nii.gz").dataobj)
-    probability = np.asarray(nib.load(tmp_path / "bundle" / "volume_probability.nii.gz").dataobj)
-    assert 0 < mask.mean() < 1 and probability.dtype == np.float32
-    np.testing.assert_array_equal(mask, (probability >= threshold).astype(np.uint8))  # the map is the probability

@@ -159,7 +159,8 @@ def test_explanations_are_volumes_on_the_input_grid_styled_and_follow_the_prompt
     from TextPromptSegmentationLib import explanations
     volume = scene.add_png_volume(scene.SAMPLE_XRAY)
     maps = {}
-    for prompt in (scene.PROMPT, "Bilateral pulmonary infection, two infected areas, all left lung and all right lung."):
+    bilateral = "Bilateral pulmonary infection, two infected areas, all left lung and all right lung."
+    for prompt in (scene.PROMPT, bilateral):
         segmentation, segment_id = segment(logic, volume, prompt=prompt, explain=True)
         nodes = {kind: slicer.mrmlScene.GetFirstNodeByName(explanations.explanation_name(prompt, kind))
                  for kind in explanations.STYLES}
