@@ -29,6 +29,12 @@ def _fail(message: str) -> int:
     return 2
 
 
+def _parser(verb: str, description: str) -> argparse.ArgumentParser:
+    """The argument parser of ``causalclipseg VERB``, defaults shown in ``--help``."""
+    return argparse.ArgumentParser(prog=f"causalclipseg {verb}", description=description,
+                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+
 def _model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL, choices=list_models(), help="model variant")
     parser.add_argument("--checkpoint", default=None,
@@ -39,17 +45,17 @@ def _model_args(parser: argparse.ArgumentParser) -> None:
 
 def predict_main(argv: Sequence[str] | None = None) -> int:
     """Segment image files or folders with a prompt; writes ``<name>_mask.*`` and ``<name>_overlay.png``."""
-    parser = argparse.ArgumentParser(
-        prog="causalclipseg predict", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        description="Segment what the prompt describes. 'Left' and 'right' in the prompt are the PATIENT's sides, "
-                    "as clinicians say (on a frontal X-ray in standard display the patient's left lung is on the "
-                    "image's right); use --prompt-side viewer for prompts naming the image's sides, such as "
-                    "QaTa-COV19's captions as written. Inputs: X-rays and slices as PNG/JPEG/BMP/TIFF (taken as "
-                    "stored, i.e. in standard display), DICOM files (shown as a viewer shows them: rescale, window, "
-                    "orientation), NIfTI/NRRD volumes or slices (oriented by their affine), folders of them, a folder "
-                    "holding one DICOM series (one volume), or a datalist JSON. Masks are written on the input's "
-                    "grid: PNG (0/255) for pictures, NIfTI (0/1, the input's geometry) for DICOM, NIfTI and NRRD; "
-                    "plus an overlay PNG for 2-D images.")
+    parser = _parser(
+        "predict",
+        "Segment what the prompt describes. 'Left' and 'right' in the prompt are the PATIENT's sides, "
+        "as clinicians say (on a frontal X-ray in standard display the patient's left lung is on the "
+        "image's right); use --prompt-side viewer for prompts naming the image's sides, such as "
+        "QaTa-COV19's captions as written. Inputs: X-rays and slices as PNG/JPEG/BMP/TIFF (taken as "
+        "stored, i.e. in standard display), DICOM files (shown as a viewer shows them: rescale, window, "
+        "orientation), NIfTI/NRRD volumes or slices (oriented by their affine), folders of them, a folder "
+        "holding one DICOM series (one volume), or a datalist JSON. Masks are written on the input's "
+        "grid: PNG (0/255) for pictures, NIfTI (0/1, the input's geometry) for DICOM, NIfTI and NRRD; "
+        "plus an overlay PNG for 2-D images.")
     parser.add_argument("inputs", nargs="+", help="image files, folders, DICOM series folders or datalist JSONs")
     prompt = parser.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", help='e.g. "bilateral pulmonary infection, two infected areas, lower left lung '
@@ -161,12 +167,12 @@ def _add_dataclass_args(parser: argparse.ArgumentParser, cls: type, exclude: Seq
 def train_main(argv: Sequence[str] | None = None) -> int:
     """Train (or resume) a model on a dataset."""
     from .training.trainer import TrainConfig, train
-    parser = argparse.ArgumentParser(
-        prog="causalclipseg train", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        description="Train CausalCLIPSeg with the adversarial min-max step; validates every --val-every epochs, "
-                    "keeps the best model by per-image Dice, and resumes an interrupted run from --output-dir "
-                    "(with the config it was started with: see --allow-config-change). The bundle's train.json and "
-                    "the MONAI Label app run this same trainer. Run `causalclipseg verify-data` on the dataset first.")
+    parser = _parser(
+        "train",
+        "Train CausalCLIPSeg with the adversarial min-max step; validates every --val-every epochs, "
+        "keeps the best model by per-image Dice, and resumes an interrupted run from --output-dir "
+        "(with the config it was started with: see --allow-config-change). The bundle's train.json and "
+        "the MONAI Label app run this same trainer. Run `causalclipseg verify-data` on the dataset first.")
     _add_dataclass_args(parser, TrainConfig)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -180,10 +186,10 @@ def train_main(argv: Sequence[str] | None = None) -> int:
 
 def evaluate_main(argv: Sequence[str] | None = None) -> int:
     """Score a model on a dataset split under both metric protocols."""
-    parser = argparse.ArgumentParser(
-        prog="causalclipseg evaluate", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        description="Dice and IoU at threshold 0.5 under both protocols: per-image mean (LViT / CausalCLIPSeg "
-                    "papers) and dataset-level (areas accumulated over the set), each with a bootstrap 95% interval.")
+    parser = _parser(
+        "evaluate",
+        "Dice and IoU at threshold 0.5 under both protocols: per-image mean (LViT / CausalCLIPSeg "
+        "papers) and dataset-level (areas accumulated over the set), each with a bootstrap 95% interval.")
     parser.add_argument("--data", required=True, help="dataset root or MONAI datalist JSON")
     parser.add_argument("--split", default="valid", help="train, valid or test")
     parser.add_argument("--prompt-transform", default="none", choices=["none", "swap", "empty"],
@@ -229,11 +235,11 @@ def compare_main(argv: Sequence[str] | None = None) -> int:
     """Train every comparison arm with the same data and budget and tabulate their validation scores."""
     from .experiments.compare import ARMS, compare, format_table
     from .training.trainer import TrainConfig
-    parser = argparse.ArgumentParser(
-        prog="causalclipseg compare", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        description="Side by side, same data and budget: " + "; ".join(f"{k}: {a.label}" for k, a in ARMS.items())
-                    + ". Each arm is a training run (resumable) in OUTPUT_DIR/<arm>_seed<N>; the validation scores "
-                      "of each run's best epoch go to OUTPUT_DIR/comparison.json and comparison.md.")
+    parser = _parser(
+        "compare",
+        "Side by side, same data and budget: " + "; ".join(f"{k}: {a.label}" for k, a in ARMS.items())
+        + ". Each arm is a training run (resumable) in OUTPUT_DIR/<arm>_seed<N>; the validation scores "
+          "of each run's best epoch go to OUTPUT_DIR/comparison.json and comparison.md.")
     _add_dataclass_args(parser, TrainConfig, exclude=("model", "prompt_transform", "seed"))
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS), help="arms to run")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0], help="one run per arm and seed")
@@ -263,15 +269,15 @@ def _verify_main(argv: Sequence[str] | None = None) -> int:
 
 def worker_main(argv: Sequence[str] | None = None) -> int:
     """Keep the model loaded and segment the jobs named on stdin, one JSON answer per line on stdout."""
-    parser = argparse.ArgumentParser(
-        prog="causalclipseg worker", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        description="A process for clients that segment often (the 3D Slicer module's local backend): reads the path "
-                    "of a job's request.json per line on stdin (input, prompt_file, output_dir, prompt_side, device, "
-                    "threshold, model, checkpoint, explain) and answers each with one JSON line on stdout: "
-                    '{"request": ..., "ok": true, "files": [...]} or {"request": ..., "ok": false, "error": ...}. '
-                    "A request runs what `causalclipseg predict ... --overwrite` runs; the loaded model is kept "
-                    "between requests, so only the first pays for starting Python, torch and the weights. The log "
-                    "(and anything else printed) goes to stderr. Exits when stdin closes or after --idle-timeout.")
+    parser = _parser(
+        "worker",
+        "A process for clients that segment often (the 3D Slicer module's local backend): reads the path "
+        "of a job's request.json per line on stdin (input, prompt_file, output_dir, prompt_side, device, "
+        "threshold, model, checkpoint, explain) and answers each with one JSON line on stdout: "
+        '{"request": ..., "ok": true, "files": [...]} or {"request": ..., "ok": false, "error": ...}. '
+        "A request runs what `causalclipseg predict ... --overwrite` runs; the loaded model is kept "
+        "between requests, so only the first pays for starting Python, torch and the weights. The log "
+        "(and anything else printed) goes to stderr. Exits when stdin closes or after --idle-timeout.")
     parser.add_argument("--idle-timeout", type=float, default=600.0,
                         help="exit after this many seconds without a request (frees the memory); 0: never")
     args = parser.parse_args(argv)

@@ -54,6 +54,19 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
+def tiny_checkpoint_and_picture(root: Path, picture: str) -> tuple[dict[str, Path], np.random.Generator]:
+    """The random ``tiny`` model's weights (torch seed 0) as ``files["ckpt"]`` and a random 72 rows x 88 columns PNG
+    ``root/picture`` as ``files["png"]``; with the generator (seed 0) that drew it, for more inputs."""
+    from causalclipseg.training.checkpoint import save_weights
+
+    rng = np.random.default_rng(0)
+    torch.manual_seed(0)
+    files = {"ckpt": save_weights(causalclipseg.create_model("tiny").state_dict(), root / "tiny.pt"),
+             "png": root / picture}
+    Image.fromarray((rng.random((72, 88)) * 255).astype(np.uint8)).save(files["png"])
+    return files, rng
+
+
 def register_config(tmp_path: Path, name: str, data: dict) -> str:
     """Write a model config JSON and register it; returns the name."""
     path = tmp_path / f"{name}.json"

@@ -21,17 +21,14 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
-import torch
-from PIL import Image
 
-from causalclipseg import __version__, cli, create_model
+from causalclipseg import __version__, cli
 from causalclipseg.inference.predictor import Predictor
 from causalclipseg.io.dicom_seg import SEGMENT_DESCRIPTION_MAX, SEGMENT_LABEL_MAX, dicom_segmentation
 from causalclipseg.io.reader import SOURCE_FILES_KEY
 from causalclipseg.io.writers import SaveMaskd
-from causalclipseg.training.checkpoint import save_weights
 
-from .conftest import write_dicom_image, write_windowed_dx
+from .conftest import tiny_checkpoint_and_picture, write_dicom_image, write_windowed_dx
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundle"
 PROMPT = "bilateral pulmonary infection, two infected areas, lower left lung and lower right lung."
@@ -48,11 +45,7 @@ def inputs(tmp_path_factory) -> dict:
     from pydicom.uid import generate_uid
 
     root = tmp_path_factory.mktemp("dicom_seg")
-    rng = np.random.default_rng(0)
-    torch.manual_seed(0)
-    files = {"ckpt": save_weights(create_model("tiny").state_dict(), root / "tiny.pt")}
-    files["png"] = root / "picture.png"
-    Image.fromarray((rng.random((72, 88)) * 255).astype(np.uint8)).save(files["png"])  # 72 rows x 88 columns
+    files, rng = tiny_checkpoint_and_picture(root, "picture.png")
     files["dx"] = write_windowed_dx(files["png"], root / "dx.dcm")
     files["mirrored"] = write_windowed_dx(files["png"], root / "mirrored.dcm", mirrored=True, monochrome1=True)
     files["nii"] = root / "volume.nii.gz"

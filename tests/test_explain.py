@@ -9,12 +9,13 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from causalclipseg import cli, create_model
 from causalclipseg.bundle import ExplainNetwork
 from causalclipseg.inference.predictor import Predictor
 from causalclipseg.training.checkpoint import save_weights
+
+from .conftest import tiny_checkpoint_and_picture
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundle"
 
@@ -25,11 +26,7 @@ PROMPT_B = "unilateral pulmonary infection, one infected area, upper right lung.
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("explain")
-    rng = np.random.default_rng(0)
-    torch.manual_seed(0)
-    files = {"ckpt": save_weights(create_model("tiny").state_dict(), root / "tiny.pt")}
-    files["png"] = root / "xray.png"
-    Image.fromarray((rng.random((72, 88)) * 255).astype(np.uint8)).save(files["png"])  # 72 rows x 88 columns
+    files, rng = tiny_checkpoint_and_picture(root, "xray.png")
     files["nii"] = root / "volume.nii.gz"
     oblique = np.array([[0.9, 0.3, 0.0, -20.0], [-0.3, 0.9, 0.2, 15.0], [0.0, -0.2, 2.5, 40.0], [0, 0, 0, 1]])
     nib.save(nib.Nifti1Image(rng.random((40, 36, 5)).astype(np.float32), oblique), files["nii"])

@@ -37,7 +37,6 @@ from TextPromptSegmentationLib import dependencies, explanations, monailabel_cli
 from TextPromptSegmentationLib.request import (  # noqa: E402
     EXAMPLE_PROMPTS,
     PROMPT_SIDES,
-    REMOTE_EXPLAIN_NOTE,
     SegmentationRequest,
     build_predict_command,
     child_environment,
@@ -164,16 +163,15 @@ def test_prompt_side_is_offered_remembered_passed_on_and_explained() -> None:
         assert "patient's sides" in text and "screen's right" in text and "QaTa-COV19" in text
 
 
-def test_explain_is_offered_remembered_passed_on_and_refused_remotely_in_one_line() -> None:
+def test_explain_is_offered_remembered_and_passed_on() -> None:
     _, widgets = _ui_widgets()
     assert widgets.get("explainCheckBox") == "QCheckBox"
     code = MODULE_FILE.read_text()
-    for use in ("explain=bool(self.ui.explainCheckBox.checked)", "self.log(REMOTE_EXPLAIN_NOTE)",
-                "explanations.read_explanations(self._job.explanation_files, shape, matrix)", "self.showExplanations()",
+    for use in ("explain=bool(self.ui.explainCheckBox.checked)", "monailabel_client.infer_maps",
+                "explanations.read_explanations(mapFiles, shape, matrix", "self.showExplanations()",
                 "explanations.style_display(node.GetDisplayNode(), kind, values)", "foregroundOpacity=explanations."):
         assert use in code, f"the module lacks {use}"
     assert code.count('SETTINGS + "Explain"') == 2, "the choice is saved and restored"
-    assert "\n" not in REMOTE_EXPLAIN_NOTE and "need the local backend" in REMOTE_EXPLAIN_NOTE
     assert "Show explanations" in (EXTENSION / "README.md").read_text()
 
 
@@ -381,7 +379,7 @@ def test_explain_round_trips_into_the_predict_command(tmp_path: Path) -> None:
     job.request_file.write_text(json.dumps({**older, "explain": "yes"}))
     with pytest.raises(ValueError, match="^explain must be true or false, got 'yes'$"):
         build_predict_command("python", job.request_file)
-    assert "explain" not in SegmentationRequest("lesion", explain=True).server_params()  # the server has no maps
+    assert "explain" not in SegmentationRequest("lesion", explain=True).server_params()  # maps: one request each
 
 
 def test_explanation_maps_are_read_unthresholded_on_the_input_grid(tmp_path: Path) -> None:
@@ -464,6 +462,26 @@ def test_install_pins_what_slicer_ships(tmp_path: Path) -> None:
     missing = dependencies.missing_requirements({"nibabel": "nibabel", "nrrd": "pynrrd", "causalclipseg": "/w/pkg"},
                                                 find_spec=lambda m: object() if m in found else None)
     assert missing == ["pynrrd", "/w/pkg"]
+
+
+def test_packages_of_another_interpreter_are_asked_in_its_own_process(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The interpreter set under Advanced is asked which modules it lacks, from the temporary folder (a package
+    folder in Slicer's working folder does not count); one that cannot answer is one readable line."""
+    (tmp_path / "only_here_pkg").mkdir()
+    (tmp_path / "only_here_pkg" / "__init__.py").write_text("")
+    monkeypatch.chdir(tmp_path)
+    missing = dependencies.missing_in_interpreter(
+        sys.executable, {"json": "json", "only_here_pkg": "only-here", "no_such_module_q7": "no-such"})
+    assert missing == ["only-here", "no-such"]
+    broken = tmp_path / "broken-python"
+    broken.write_text("#!/bin/sh\necho 'cannot start: libpython missing' >&2\nexit 3\n")
+    broken.chmod(0o755)
+    for python, words in ((broken, "libpython missing"), (tmp_path / "absent", "No such file")):
+        with pytest.raises(RuntimeError) as error:
+            dependencies.missing_in_interpreter(python, {"json": "json"})
+        message = str(error.value)
+        assert "\n" not in message and str(python) in message and words in message, message
 
 
 # --- process runner ------------------------------------------------------------------------------------------
@@ -591,6 +609,7 @@ class _FakeMonaiLabel(BaseHTTPRequestHandler):
 
     label: bytes = b""
     received: dict = {}
+    sent_params: list = []  # the params of each /infer request, in order
 
     def log_message(self, *args: object) -> None:  # keep pytest output clean
         pass
@@ -614,6 +633,8 @@ class _FakeMonaiLabel(BaseHTTPRequestHandler):
         body = self.rfile.read(int(self.headers["Content-Length"]))
         model = self.path.split("/")[2].split("?")[0]
         _FakeMonaiLabel.received = {"path": self.path, "body": body, "type": self.headers["Content-Type"]}
+        params = re.search(rb'name="params"\r\n\r\n(.*?)\r\n--', body, re.S)
+        _FakeMonaiLabel.sent_params.append(json.loads(params.group(1)) if params else None)
         if model == "causalclipseg":
             self._send(200, self.label, "application/octet-stream",
                        {"Content-Disposition": 'attachment; filename="result.nii.gz"'})
@@ -657,6 +678,26 @@ def test_monailabel_info_and_infer(tmp_path: Path, fake_server: str) -> None:
     assert sent["path"] == "/infer/causalclipseg?output=image" and sent["type"].startswith("multipart/form-data")
     assert json.dumps({"prompt": PROMPT, "device": "cuda"}).encode() in sent["body"]
     assert image.read_bytes() in sent["body"] and b'filename="image.nii.gz"' in sent["body"]
+
+
+def test_monailabel_explanations_are_one_request_each(tmp_path: Path, fake_server: str) -> None:
+    """The mask, then each map with its ``result_map`` (MONAI Label answers one file per request), into files of
+    their own; without maps, one request."""
+    image = volume_io.write_volume(tmp_path / "image.nii.gz", np.ones((1, 4, 4), np.int16), np.eye(4))
+    _FakeMonaiLabel.label = volume_io.write_volume(tmp_path / "srv.nii.gz", np.full((1, 4, 4), 0.25, np.float32),
+                                                   np.eye(4)).read_bytes()
+    _FakeMonaiLabel.sent_params = []
+    params = SegmentationRequest(PROMPT, device="cpu").server_params()
+    files = monailabel_client.infer_maps(fake_server, "causalclipseg", image, params, tmp_path / "out",
+                                         explanations.RESULT_MAPS, timeout=10)
+    assert list(files) == ["mask", *explanations.STYLES] and len({path.name for path in files.values()}) == 3
+    assert [sent.get("result_map") for sent in _FakeMonaiLabel.sent_params] == [None, "probability", "causal_mask"]
+    assert all({k: v for k, v in sent.items() if k != "result_map"} == params for sent in _FakeMonaiLabel.sent_params)
+    maps = explanations.read_explanations({k: v for k, v in files.items() if k != "mask"}, (1, 4, 4), np.eye(4))
+    assert all(np.allclose(values, 0.25) for values in maps.values())
+    _FakeMonaiLabel.sent_params = []
+    assert list(monailabel_client.infer_maps(fake_server, "causalclipseg", image, params, tmp_path / "one")) == ["mask"]
+    assert len(_FakeMonaiLabel.sent_params) == 1
 
 
 @pytest.mark.parametrize("side", PROMPT_SIDES)
@@ -791,7 +832,10 @@ def _until(condition, timeout: float = 30.0) -> bool:
 
 
 @pytest.mark.slow
-def test_worker_keeps_one_process_for_later_runs(tmp_path: Path, tiny_checkpoint: Path) -> None:
+def test_worker_keeps_one_process_for_later_runs_and_outlives_bad_requests(tmp_path: Path,
+                                                                           tiny_checkpoint: Path) -> None:
+    """One process serves every run (the model loaded once, progress and explanations coming through); a request
+    that fails is answered in one line and the process serves the next."""
     worker = ModelWorker()
     try:
         first, updates = _run_to_end(worker, _worker_job(tmp_path / "a", tiny_checkpoint))
@@ -820,19 +864,11 @@ def test_worker_keeps_one_process_for_later_runs(tmp_path: Path, tiny_checkpoint
             assert len(np.unique(values)) > 2  # a map, not a mask
         mask = volume_io.read_on_grid(job.mask_file, shape, oblique_matrix())
         np.testing.assert_array_equal(mask, maps["probability"] > 0.4)  # this request's own threshold
-    finally:
-        worker.stop()
 
-
-@pytest.mark.slow
-def test_worker_answers_a_bad_request_in_one_line_and_lives_on(tmp_path: Path, tiny_checkpoint: Path) -> None:
-    worker = ModelWorker()
-    try:
         unreadable = _worker_job(tmp_path / "unreadable", tiny_checkpoint)
         unreadable.input_file.write_bytes(b"\x1f\x8b not a volume")
         run, _ = _run_to_end(worker, unreadable)
         assert run.state is RunState.FAILED
-        pid = run.pid
         with pytest.raises(ProcessFailedError, match="input.nii.gz") as info:
             run.raise_for_status()
         assert "\n" not in str(info.value)
@@ -841,10 +877,10 @@ def test_worker_answers_a_bad_request_in_one_line_and_lives_on(tmp_path: Path, t
         run, _ = _run_to_end(worker, empty)
         with pytest.raises(ProcessFailedError, match=r"^prompt must contain text, got ''"):
             run.raise_for_status()
-        assert worker.pid == pid and _alive(pid)
+        assert worker.pid == first.pid and _alive(first.pid)
         good, updates = _run_to_end(worker, _worker_job(tmp_path / "good", tiny_checkpoint))
-        assert good.state is RunState.SUCCEEDED and good.pid == pid
-        assert _lines(updates)[0] == f"Using the running model process (pid {pid}): the model is loaded."
+        assert good.state is RunState.SUCCEEDED and good.pid == first.pid
+        assert _lines(updates)[0] == f"Using the running model process (pid {first.pid}): the model is loaded."
     finally:
         worker.stop()
 

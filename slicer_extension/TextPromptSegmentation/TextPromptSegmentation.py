@@ -31,7 +31,6 @@ from TextPromptSegmentationLib.request import (
     DEVICES,
     EXAMPLE_PROMPTS,
     PROMPT_SIDES,
-    REMOTE_EXPLAIN_NOTE,
     SegmentationRequest,
     build_predict_command,
     child_environment,
@@ -417,7 +416,7 @@ class TextPromptSegmentationLogic(ScriptedLoadableModuleLogic):
         self._job = prepare_job(folder, request, array, matrix)
         self._grid, self._input, self._prompt, self._backend = (array.shape, matrix), inputVolume, request.prompt, \
             backend
-        self._explain, self.explanationVolumes = request.explain and backend == LOCAL, []
+        self._explain, self.explanationVolumes = request.explain, []
         self.log(f"Input {inputVolume.GetName()}: {array.shape[2]} x {array.shape[1]} x {array.shape[0]} voxels; "
                  f"job folder {folder}")
         self.log(f"'Left' and 'right' in the prompt: the {request.prompt_side}'s sides")
@@ -431,12 +430,11 @@ class TextPromptSegmentationLogic(ScriptedLoadableModuleLogic):
                 self.log("Running: " + " ".join(command))
                 self._run = ProcessRunner(command, env=env, cwd=folder)
         else:
-            if request.explain:
-                self.log(REMOTE_EXPLAIN_NOTE)
-            params = request.server_params()
-            self.log(f"Sending the image to {monailabel_client.normalise_url(serverUrl)} (model {serverModel!r})")
-            self._run = BackgroundCall(monailabel_client.infer, serverUrl, serverModel, self._job.input_file, params,
-                                       self._job.output_dir)
+            maps = {kind: explanations.RESULT_MAPS[kind] for kind in explanations.STYLES} if request.explain else {}
+            self.log(f"Sending the image to {monailabel_client.normalise_url(serverUrl)} (model {serverModel!r})"
+                     + (f", then asking for {', '.join(maps)} (one request each)" if maps else ""))
+            self._run = BackgroundCall(monailabel_client.infer_maps, serverUrl, serverModel, self._job.input_file,
+                                       request.server_params(), self._job.output_dir, maps)
         self._run.start()
 
     def poll(self) -> RunUpdate:
@@ -466,9 +464,10 @@ class TextPromptSegmentationLogic(ScriptedLoadableModuleLogic):
                 self._run.raise_for_status()
             raise ValueError("no finished segmentation to read")
         if isinstance(self._run, BackgroundCall):
-            maskFile = self._run.result()
+            mapFiles = dict(self._run.result())
+            maskFile = mapFiles.pop("mask")
         else:
-            maskFile = self._job.mask_file
+            maskFile, mapFiles = self._job.mask_file, self._job.explanation_files
         shape, matrix = self._grid
         # The local package writes on the input's header: any other grid is a bug. A server may reorient.
         mask = volume_io.read_on_grid(maskFile, shape, matrix, allow_resample=self._backend == REMOTE)
@@ -485,7 +484,7 @@ class TextPromptSegmentationLogic(ScriptedLoadableModuleLogic):
         self.log(f"Segment '{name}': {int((mask > 0).sum())} voxels.")
         self.explanationVolumes = []
         if self._explain:
-            maps = explanations.read_explanations(self._job.explanation_files, shape, matrix)
+            maps = explanations.read_explanations(mapFiles, shape, matrix, allow_resample=self._backend == REMOTE)
             self.explanationVolumes = [self.explanationVolume(kind, values) for kind, values in maps.items()]
             self.log("Explanation maps: " + ", ".join(f"'{v.GetName()}'" for v in self.explanationVolumes))
         shutil.rmtree(self._job.folder, ignore_errors=True)
@@ -538,8 +537,8 @@ class TextPromptSegmentationLogic(ScriptedLoadableModuleLogic):
 class TextPromptSegmentationTest(ScriptedLoadableModuleTest):
     """End-to-end self-test in Slicer: synthetic volumes segmented by the local backend.
 
-    Needs the ``causalclipseg`` package (with its shipped weights) in Slicer's Python or in the interpreter set
-    in the module's Advanced section; without it the test says so and skips.
+    Runs the package with the interpreter set in the module's Advanced section (its saved setting), else with
+    Slicer's Python; where that interpreter lacks the package (with its shipped weights), the test says so and skips.
     """
 
     PROMPT = EXAMPLE_PROMPTS[0]
@@ -551,19 +550,44 @@ class TextPromptSegmentationTest(ScriptedLoadableModuleTest):
     def runTest(self) -> None:
         """Run every test."""
         self.setUp()
-        if not self.packageAvailable():
-            self.delayDisplay("Skipped: the causalclipseg package is not installed (open the module and press "
-                              "'Install dependencies', or set a Python interpreter).")
+        python = self.configuredPython()
+        reason = self.missingPackage(python)
+        if reason:
+            self.delayDisplay(f"Skipped: {reason}")
             return
+        self.delayDisplay("Running the package with " + (python or "Slicer's Python"))
         self.test_Segment3DObliqueVolume()
         self.setUp()
         self.test_SegmentSingleSlice()
 
     @staticmethod
-    def packageAvailable() -> bool:
-        """Whether Slicer's Python can run the package (checked without importing it)."""
-        return not dependencies.missing_requirements({**dependencies.IO_REQUIREMENTS,
-                                                      dependencies.PACKAGE_MODULE: DEFAULT_PACKAGE})
+    def configuredPython() -> str | None:
+        """The interpreter saved under Advanced (the widget's ``Python`` setting); ``None`` means Slicer's own."""
+        return str(qt.QSettings().value(SETTINGS + "Python", "") or "").strip() or None
+
+    @staticmethod
+    def missingPackage(python: str | None) -> str | None:
+        """Why the package cannot run with ``python`` (``None``: Slicer's), or ``None`` if it can. Nothing is
+        imported in Slicer's process to check."""
+        missing = dependencies.missing_requirements(dependencies.IO_REQUIREMENTS)
+        if missing:
+            return (f"Slicer's Python lacks {', '.join(missing)} (open the module and press 'Install "
+                    "dependencies').")
+        if python is None:
+            if dependencies.missing_requirements({dependencies.PACKAGE_MODULE: DEFAULT_PACKAGE}):
+                return ("the causalclipseg package is not installed in Slicer's Python (open the module and press "
+                        "'Install dependencies', or set a Python interpreter under Advanced).")
+            return None
+        if not os.path.isfile(python):
+            return f"the Python interpreter {python} set under Advanced does not exist."
+        try:
+            missing = dependencies.missing_in_interpreter(
+                python, {dependencies.PACKAGE_MODULE: DEFAULT_PACKAGE}, env=child_environment(os.environ, False))
+        except RuntimeError as err:
+            return f"{err}."
+        if missing:
+            return f"the causalclipseg package is not installed for the Python interpreter {python} set under Advanced."
+        return None
 
     def segmentSynthetic(self, shape: tuple[int, int, int], ijkToRAS: np.ndarray) -> None:
         """Segment a synthetic bright blob and check the segment's name, colour and grid."""
@@ -574,6 +598,7 @@ class TextPromptSegmentationTest(ScriptedLoadableModuleTest):
         output = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode")
         logic = TextPromptSegmentationLogic()
         logic.logCallback = self.delayDisplay
+        logic.pythonExecutable = self.configuredPython()
         name = logic.process(volume, output, SegmentationRequest(self.PROMPT, device="auto"), timeout=300)
         self.assertEqual(name, segments.segment_name(self.PROMPT))
         segmentId = output.GetSegmentation().GetSegmentIdBySegmentName(name)

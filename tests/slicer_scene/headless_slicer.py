@@ -18,7 +18,9 @@ registered with ``SetModuleLogic``) and supplies only what the wheel lacks:
 - ``slicer.ScriptedLoadableModule``: the four base classes with what a module uses of them (a Test's
   ``delayDisplay`` records and logs the message; a Widget cannot be made: it needs Qt).
 - ``qt`` and ``ctk`` modules that can be imported (a module file names them in annotations and base classes) but
-  raise :class:`HeadlessQtError` on any use, so a Logic that touches Qt fails loudly instead of passing here.
+  raise :class:`HeadlessQtError` on any use, so a Logic that touches Qt fails loudly instead of passing here. The one
+  exception is ``qt.QSettings``, which a module's Test reads as Slicer's own does: :class:`HeadlessSettings`, held in
+  :data:`SETTINGS` (in memory) for a test to fill.
 
 The module file under test is imported unchanged; nothing of the module is replaced.
 """
@@ -42,11 +44,13 @@ from typing import Any
 import slicer
 import vtk
 
-__all__ = ["HeadlessQtError", "HeadlessApplication", "HeadlessIOManager", "HeadlessSlicer", "install",
-           "PackageInOtherInterpreter", "DISPLAYED"]
+__all__ = ["HeadlessQtError", "HeadlessApplication", "HeadlessIOManager", "HeadlessSettings", "HeadlessSlicer",
+           "install", "PackageInOtherInterpreter", "DISPLAYED", "SETTINGS"]
 
 # Messages shown by ScriptedLoadableModuleTest.delayDisplay, oldest first (Slicer shows them in a popup).
 DISPLAYED: list[str] = []
+# What qt.QSettings holds (Slicer keeps it in its .ini file), key -> value.
+SETTINGS: dict[str, Any] = {}
 
 _VOLUME_SUFFIXES = (".nrrd", ".nhdr", ".nii", ".nii.gz", ".mha", ".mhd", ".hdr", ".img", ".img.gz")
 # vtkSlicerVolumesLogic::AddArchetypeVolume's loading options, one bit each, as qSlicerVolumesReader sets them.
@@ -58,9 +62,24 @@ class HeadlessQtError(RuntimeError):
     """Something needed Qt (a widget, a dialog, ``qt.*``, ``ctk.*``), which the headless application does not have."""
 
 
-def _qt_free_module(name: str) -> types.ModuleType:
-    """A module ``name`` that imports, but raises :class:`HeadlessQtError` when any of its attributes is used."""
+class HeadlessSettings:
+    """``qt.QSettings`` over :data:`SETTINGS`: ``value`` and ``setValue`` as a module calls them."""
+
+    def value(self, key: str, default: Any = None) -> Any:
+        """The stored value of ``key``, else ``default``."""
+        return SETTINGS.get(key, default)
+
+    def setValue(self, key: str, value: Any) -> None:
+        """Store ``value`` under ``key``."""
+        SETTINGS[key] = value
+
+
+def _qt_free_module(name: str, usable: dict[str, Any] | None = None) -> types.ModuleType:
+    """A module ``name`` that imports, but raises :class:`HeadlessQtError` when any of its attributes is used, except
+    those of ``usable``."""
     module = types.ModuleType(name, f"Stand-in for Slicer's {name!r} module: importable, unusable (no Qt here).")
+    for attribute, value in (usable or {}).items():
+        setattr(module, attribute, value)
 
     def __getattr__(attribute: str) -> Any:
         if attribute.startswith("__"):  # import machinery and introspection probe dunders; answer them normally
@@ -297,7 +316,7 @@ def install(temporary_path: str | os.PathLike) -> HeadlessSlicer:
         if name not in sys.modules and importlib.util.find_spec(name) is not None:
             raise RuntimeError(f"a real {name!r} module is importable here; the headless harness expects slicer-core "
                                "without Qt")
-        sys.modules.setdefault(name, _qt_free_module(name))
+        sys.modules.setdefault(name, _qt_free_module(name, {"QSettings": HeadlessSettings} if name == "qt" else None))
 
     Path(temporary_path).mkdir(parents=True, exist_ok=True)
     scene = slicer.vtkMRMLScene()
@@ -318,6 +337,7 @@ def install(temporary_path: str | os.PathLike) -> HeadlessSlicer:
     sys.modules["slicer.ScriptedLoadableModule"] = scripted
     slicer.app, slicer.mrmlScene, slicer.modules, slicer.ScriptedLoadableModule = app, scene, modules, scripted
     slicer.selfTests = {}
+    SETTINGS.clear()
     return HeadlessSlicer(scene, app_logic, colors, volumes, segmentations, app)
 
 

@@ -34,5 +34,7 @@ touch "$venv/.complete"
 echo "slicer scene: environment $venv ready in $((SECONDS - start)) s ($("$venv/bin/python" -c \
     'import importlib.metadata as m; print("slicer-core", m.version("slicer-core"))'))"
 run_start=$SECONDS
-CAUSALCLIPSEG_PYTHON="$model_python" "$venv/bin/python" -m pytest -q -p no:cacheprovider tests/slicer_scene "$@"
+# pytest's own script, not `python -m pytest`, which would put this checkout on sys.path: Slicer's Python does not
+# see the causalclipseg folder here, only what is installed for it.
+CAUSALCLIPSEG_PYTHON="$model_python" "$venv/bin/pytest" -q -p no:cacheprovider tests/slicer_scene "$@"
 echo "slicer scene: tests ran in $((SECONDS - run_start)) s; the stage took $((SECONDS - start)) s"

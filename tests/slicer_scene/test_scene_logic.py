@@ -7,6 +7,7 @@ patient's right, so the patient's left lung has the smaller x, and is on the scr
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 import threading
 import types
@@ -289,6 +290,44 @@ def test_module_self_test_passes_headless(module, pythonslicer_on_path: Path) ->
     assert not [m for m in shown if m.startswith("Skipped")], shown
     assert "3-D oblique volume passed" in shown and "Single-slice volume passed" in shown, shown
     assert any(str(pythonslicer_on_path) in m for m in shown), "the test's Logic did not run PythonSlicer"
+
+
+def run_self_test(module, python: str | None, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The module's own test through ``slicer.selfTests`` with ``python`` saved under Advanced (``Python``, as the
+    widget saves it); what it displayed."""
+    monkeypatch.setitem(headless_slicer.SETTINGS, "TextPromptSegmentation/Python", python or "")
+    headless_slicer.DISPLAYED.clear()
+    module.TextPromptSegmentation(types.SimpleNamespace(path=str(scene.MODULE_FILE)))
+    slicer.selfTests["TextPromptSegmentation"]()
+    return list(headless_slicer.DISPLAYED)
+
+
+def test_module_self_test_runs_the_interpreter_set_under_advanced(module, launcher: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Slicer's own Python lacks the package here (no ``PythonSlicer``, nothing for ``find_spec``), as for a user who
+    set an interpreter under Advanced instead of installing into Slicer: the test runs with that interpreter and
+    passes, without skipping."""
+    assert importlib.util.find_spec("causalclipseg") is None
+    shown = run_self_test(module, str(launcher), monkeypatch)
+    assert not [m for m in shown if m.startswith("Skipped")], shown
+    assert f"Running the package with {launcher}" in shown, shown
+    assert "3-D oblique volume passed" in shown and "Single-slice volume passed" in shown, shown
+
+
+def test_module_self_test_skips_naming_the_interpreter_that_cannot_run_it(module, tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """An interpreter set under Advanced without the package, one that is missing, one that cannot start: the test
+    skips with one line naming it and why (no model run)."""
+    broken = tmp_path / "broken-python"
+    broken.write_text("#!/bin/sh\necho 'cannot start: libpython missing' >&2\nexit 3\n")
+    broken.chmod(0o755)
+    cases = ((sys.executable, "not installed for the Python interpreter"), (str(tmp_path / "absent"), "does not exist"),
+             (str(broken), "libpython missing"))
+    for python, words in cases:
+        shown = run_self_test(module, python, monkeypatch)
+        assert len(shown) == 1 and shown[0].startswith("Skipped: ") and python in shown[0] and words in shown[0], \
+            (python, shown)
+        assert "\n" not in shown[0]
 
 
 def test_slicers_process_never_imported_the_model() -> None:

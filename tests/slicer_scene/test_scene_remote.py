@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import socket
 
+import numpy as np
 import pytest
 
 slicer = pytest.importorskip("slicer", reason="slicer-core is not installed here: see tests/slicer_scene/run.sh")
@@ -32,6 +33,40 @@ def test_remote_backend_segments_the_oblique_volume_as_the_local_command(module,
                          serverModel=MODEL, timeout=scene.MODEL_TIMEOUT)
     segment_id = segmentation.GetSegmentation().GetSegmentIdBySegmentName(name)
     scene.assert_segment_is_the_reference(volume, segmentation, segment_id, reference_masks.mask_on("oblique", volume))
+
+
+def test_remote_explanations_are_the_local_ones(module, monailabel_server: str, model_python) -> None:
+    """*Show explanations* with the remote backend: the probability and the causal mask come from the server (one
+    ``result_map`` request each) as the same volumes the local backend makes: the same names, grid, styles and
+    values, and the probability thresholded is the segment."""
+    from TextPromptSegmentationLib import explanations
+
+    volume = slicer.util.addVolumeFromArray(scene.oblique_array(), ijkToRAS=scene.oblique_ijk_to_ras(), name="oblique")
+    maps = {}
+    for backend in (module.REMOTE, module.LOCAL):
+        logic = module.TextPromptSegmentationLogic()
+        logic.pythonExecutable = model_python.executable
+        lines = []
+        logic.logCallback = lines.append
+        segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+        name = logic.process(volume, segmentation, scene.request(explain=True), backend=backend,
+                             serverUrl=monailabel_server, serverModel=MODEL, timeout=scene.MODEL_TIMEOUT)
+        nodes = logic.explanationVolumes
+        assert [node.GetName() for node in nodes] == [explanations.explanation_name(scene.PROMPT, kind)
+                                                      for kind in explanations.STYLES]
+        for kind, node in zip(explanations.STYLES, nodes):
+            values = slicer.util.arrayFromVolume(node).copy()
+            np.testing.assert_allclose(scene.ijk_to_ras(node), scene.ijk_to_ras(volume), atol=1e-9)
+            assert values.dtype == np.float32 and 0.0 <= values.min() and values.max() <= 1.0
+            assert node.GetDisplayNode().GetColorNodeID() == explanations.STYLES[kind].color_node_id
+            maps[backend, kind] = values
+        segment_id = segmentation.GetSegmentation().GetSegmentIdBySegmentName(name)
+        mask = slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, segment_id, volume)
+        np.testing.assert_array_equal(mask > 0, maps[backend, "probability"] > scene.request().threshold)
+        if backend == module.REMOTE:
+            assert any("one request each" in line for line in lines), lines
+    for kind in explanations.STYLES:
+        np.testing.assert_allclose(maps[module.REMOTE, kind], maps[module.LOCAL, kind], atol=1e-5, err_msg=kind)
 
 
 def test_remote_errors_are_one_readable_line(module, monailabel_server: str) -> None:

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+import json
 import os
+import subprocess
+import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-__all__ = ["PROTECTED_PACKAGES", "IO_REQUIREMENTS", "PACKAGE_MODULE", "missing_requirements", "write_constraints",
-           "pip_install_arguments"]
+__all__ = ["PROTECTED_PACKAGES", "IO_REQUIREMENTS", "PACKAGE_MODULE", "missing_requirements",
+           "missing_in_interpreter", "write_constraints", "pip_install_arguments"]
 
 # Distributions Slicer ships and depends on; never to be replaced by an extension's install.
 PROTECTED_PACKAGES = (
@@ -35,6 +38,31 @@ def missing_requirements(requirements: Mapping[str, str],
     Checked without importing anything (Slicer's process must not import torch).
     """
     return [requirement for module, requirement in requirements.items() if find_spec(module) is None]
+
+
+def missing_in_interpreter(python: str | os.PathLike, requirements: Mapping[str, str],
+                           env: Mapping[str, str] | None = None, timeout: float = 60.0) -> list[str]:
+    """:func:`missing_requirements` as another interpreter sees them (the one set under Advanced), asked in a
+    process of its own that imports nothing.
+
+    It runs in the temporary folder, as the model process does, so that a package folder in Slicer's working folder
+    does not count.
+
+    Raises:
+        RuntimeError: if the interpreter cannot be run or does not answer within ``timeout`` seconds.
+    """
+    code = ("import importlib.util, json, sys; "
+            "print(json.dumps([m for m in sys.argv[1:] if importlib.util.find_spec(m) is None]))")
+    try:
+        result = subprocess.run([os.fspath(python), "-c", code, *requirements], capture_output=True, text=True,
+                                timeout=timeout, cwd=tempfile.gettempdir(), env=None if env is None else dict(env))
+        missing = set(json.loads(result.stdout.strip().splitlines()[-1])) if result.returncode == 0 else None
+    except (OSError, subprocess.TimeoutExpired, ValueError, IndexError) as err:
+        raise RuntimeError(f"the Python interpreter {python} could not be asked for its packages: {err}") from err
+    if missing is None:
+        last = (result.stderr.strip().splitlines() or [f"exit status {result.returncode}"])[-1]
+        raise RuntimeError(f"the Python interpreter {python} could not be asked for its packages: {last}")
+    return [requirement for module, requirement in requirements.items() if module in missing]
 
 
 def write_constraints(path: str | os.PathLike, packages: Sequence[str] = PROTECTED_PACKAGES,

@@ -3,7 +3,8 @@
 It speaks the two endpoints the module needs: ``GET /info/`` (the app and its models) and
 ``POST /infer/{model}?output=image`` with a multipart body holding ``params`` (JSON: the prompt, ``prompt_side``,
 device, threshold; see ``SegmentationRequest.server_params``) and ``file`` (the image), answered by the label
-file. The official ``monailabel`` client is not needed.
+file, or by an explanation map when ``params`` has ``result_map`` (one file per request: :func:`infer_maps` asks
+for each). The official ``monailabel`` client is not needed.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ServerError", "normalise_url", "info", "available_models", "infer"]
+__all__ = ["ServerError", "normalise_url", "info", "available_models", "infer", "infer_maps"]
 
 _HINT_START = "start it with `monailabel start_server --app monailabel_app --studies DATA`"
 
@@ -133,7 +134,7 @@ def _result_suffix(headers: Any, fallback: str) -> str:
 
 
 def infer(url: str, model: str, image_path: str | os.PathLike, params: Mapping[str, Any],
-          output_dir: str | os.PathLike, timeout: float = 300.0) -> Path:
+          output_dir: str | os.PathLike, timeout: float = 300.0, name: str = "label") -> Path:
     """``POST /infer/{model}?output=image`` with the image uploaded; writes the returned label file.
 
     Args:
@@ -141,8 +142,9 @@ def infer(url: str, model: str, image_path: str | os.PathLike, params: Mapping[s
         model: a model name from :func:`available_models`.
         image_path: the image to upload (NIfTI or NRRD).
         params: request parameters, e.g. ``{"prompt": "...", "prompt_side": "patient", "device": "cuda"}``.
-        output_dir: folder for the result, written as ``label`` + the server's suffix.
+        output_dir: folder for the result, written as ``name`` + the server's suffix.
         timeout: seconds to wait for the server at each step (connect, each read).
+        name: the result file's name without its suffix.
 
     Returns:
         The path of the label file.
@@ -172,6 +174,28 @@ def infer(url: str, model: str, image_path: str | os.PathLike, params: Mapping[s
     out.mkdir(parents=True, exist_ok=True)
     sniffed = ".nrrd" if answer[:4] == b"NRRD" else ".nii.gz" if answer[:2] == b"\x1f\x8b" else ".nii"
     suffix = _result_suffix(headers, sniffed)
-    target = out / f"label{suffix}"
+    target = out / f"{name}{suffix}"
     target.write_bytes(answer)
     return target
+
+
+def infer_maps(url: str, model: str, image_path: str | os.PathLike, params: Mapping[str, Any],
+               output_dir: str | os.PathLike, maps: Mapping[str, str] | None = None,
+               timeout: float = 300.0) -> dict[str, Path]:
+    """The mask (:func:`infer`) and, one more request each, the explanation maps of ``maps``.
+
+    Args:
+        maps: key -> the server's ``result_map`` value (e.g. ``{"causal mask": "causal_mask"}``); none by default.
+        url, model, image_path, params, output_dir, timeout: as :func:`infer`.
+
+    Returns:
+        ``{"mask": path}`` and a path for each key of ``maps`` (files ``label``, ``map0``, ``map1``, ...).
+
+    Raises:
+        ServerError, FileNotFoundError, ValueError: as :func:`infer`; a server that cannot make a map says why.
+    """
+    files = {"mask": infer(url, model, image_path, params, output_dir, timeout)}
+    for index, (key, result_map) in enumerate((maps or {}).items()):
+        files[key] = infer(url, model, image_path, {**params, "result_map": result_map}, output_dir, timeout,
+                           name=f"map{index}")
+    return files

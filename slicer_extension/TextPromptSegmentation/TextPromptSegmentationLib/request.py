@@ -27,7 +27,7 @@ import numpy as np
 
 from .volume_io import write_volume
 
-__all__ = ["DEVICES", "PROMPT_SIDES", "EXAMPLE_PROMPTS", "REMOTE_EXPLAIN_NOTE", "SegmentationRequest", "LocalJob",
+__all__ = ["DEVICES", "PROMPT_SIDES", "EXAMPLE_PROMPTS", "SegmentationRequest", "LocalJob",
            "prepare_job", "load_request", "build_predict_command", "child_environment"]
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -45,10 +45,6 @@ EXAMPLE_PROMPTS = (
     "Unilateral pulmonary infection, one infected area, middle right lung.",
     "Bilateral pulmonary infection, multiple infected areas, all left lung and all right lung.",
 )
-
-# What the remote backend says when explanations are asked of it: it asks the server for the segment alone.
-REMOTE_EXPLAIN_NOTE = ("Explanations (probability and causal-mask maps) need the local backend (this computer); from a "
-                       "MONAI Label server this module gets the segment only.")
 
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 REQUEST_FILE = "request.json"

@@ -22,8 +22,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import IO, Any
 
-__all__ = ["RunState", "RunUpdate", "ProcessFailedError", "ProcessRunner", "BackgroundCall", "parse_progress",
-           "wait_for"]
+__all__ = ["RunState", "RunUpdate", "ProcessFailedError", "PolledRun", "ProcessRunner", "BackgroundCall",
+           "parse_progress", "wait_for"]
 
 _TQDM_PERCENT = re.compile(r"(\d{1,3})%\|")
 _ERROR_PREFIX = "error: "
@@ -121,7 +121,43 @@ def wait_for(run: Any, timeout: float | None = None, on_update: Callable[[RunUpd
         time.sleep(interval)
 
 
-class ProcessRunner:
+class PolledRun:
+    """What a run that is polled has: its :attr:`state` as of the last :meth:`poll`, and :meth:`wait`, which polls
+    until it ends. :class:`ProcessRunner` and the model worker's ``WorkerRun`` build on it; they set ``_state`` and
+    name themselves in a timeout message with :attr:`what`."""
+
+    _state = RunState.NOT_STARTED
+
+    @property
+    def state(self) -> RunState:
+        """The state at the last poll."""
+        return self._state
+
+    @property
+    def what(self) -> str:
+        """How a timeout message names the run."""
+        return "the run"
+
+    def poll(self) -> RunUpdate:
+        """New output, progress and the state; never blocks."""
+        raise NotImplementedError
+
+    def wait(self, timeout: float | None = None, on_update: Callable[[RunUpdate], None] | None = None,
+             interval: float = 0.05) -> RunState:
+        """Poll until the run ends (see :func:`wait_for`).
+
+        Args:
+            timeout: seconds; ``None`` waits as long as it takes.
+            on_update: called with each update that has lines or a new state.
+            interval: seconds between polls.
+
+        Raises:
+            TimeoutError: if the run has not ended within ``timeout`` (it keeps running; cancel it).
+        """
+        return wait_for(self, timeout, on_update, interval, self.what)
+
+
+class ProcessRunner(PolledRun):
     """One run of a command: start, poll, wait, cancel.
 
     The command gets its own session (POSIX) or process group (Windows) so that cancelling kills what it
@@ -155,9 +191,9 @@ class ProcessRunner:
         self.output: list[str] = []
 
     @property
-    def state(self) -> RunState:
-        """The state at the last poll."""
-        return self._state
+    def what(self) -> str:
+        """The program's name."""
+        return os.path.basename(self.command[0])
 
     @property
     def pid(self) -> int | None:
@@ -248,20 +284,6 @@ class ProcessRunner:
                     self._state = RunState.SUCCEEDED if self._process.returncode == 0 else RunState.FAILED
         update.state = self._state
         return update
-
-    def wait(self, timeout: float | None = None, on_update: Callable[[RunUpdate], None] | None = None,
-             interval: float = 0.05) -> RunState:
-        """Poll until the run ends.
-
-        Args:
-            timeout: seconds; ``None`` waits as long as it takes.
-            on_update: called with each update that has lines or a new state.
-            interval: seconds between polls.
-
-        Raises:
-            TimeoutError: if the run has not ended within ``timeout`` (it keeps running; cancel it).
-        """
-        return wait_for(self, timeout, on_update, interval, os.path.basename(self.command[0]))
 
     def cancel(self, grace: float = 3.0) -> None:
         """Stop the command and everything it started: terminate, then kill what is left after ``grace`` s."""

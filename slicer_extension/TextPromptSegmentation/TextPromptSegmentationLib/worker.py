@@ -24,10 +24,10 @@ import os
 import signal
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 
 from .request import load_request
-from .runner import ProcessFailedError, ProcessRunner, RunState, RunUpdate, wait_for
+from .runner import PolledRun, ProcessFailedError, ProcessRunner, RunState, RunUpdate
 
 __all__ = ["DEFAULT_IDLE_TIMEOUT", "build_worker_command", "parse_answer", "ModelWorker", "WorkerRun",
            "shared_worker", "stop_shared_worker"]
@@ -171,7 +171,7 @@ class ModelWorker:
         self._idle_since = time.monotonic()
 
 
-class WorkerRun:
+class WorkerRun(PolledRun):
     """One job sent to a :class:`ModelWorker`, polled like a :class:`~.runner.ProcessRunner`: start, poll, wait,
     cancel, raise_for_status. Made by :meth:`ModelWorker.submit`.
 
@@ -192,10 +192,7 @@ class WorkerRun:
         self._reason: str | None = None
         self.output: list[str] = []
 
-    @property
-    def state(self) -> RunState:
-        """The state at the last poll."""
-        return self._state
+    what = "the model process"
 
     @property
     def pid(self) -> int | None:
@@ -251,15 +248,6 @@ class WorkerRun:
             self._reason = (f"the model process ended before answering ({_ending(self._runner)}); the next run starts "
                             "a new one")
         return RunUpdate(self._state, lines, update.progress)
-
-    def wait(self, timeout: float | None = None, on_update: Callable[[RunUpdate], None] | None = None,
-             interval: float = 0.05) -> RunState:
-        """Poll until the run ends (see :func:`~.runner.wait_for`).
-
-        Raises:
-            TimeoutError: if the run has not ended within ``timeout`` (it keeps running; cancel it).
-        """
-        return wait_for(self, timeout, on_update, interval, "the model process")
 
     def cancel(self, grace: float = 3.0) -> None:
         """Stop the run by ending the worker's whole process group; the next run starts a new worker."""
