@@ -1,21 +1,40 @@
 #!/usr/bin/env bash
-# Issue 13's full-budget ablation on QaTa-COV19 (valid split): one background `causalclipseg compare` per seed,
-# one torch thread each, niced so that interactive work on the same cores keeps priority. Each arm is a resumable
-# training run in work_dirs/ablation/<arm>_seed<N>: run this script again (next session) and it continues.
-#   usage: scripts/ablation.sh [SEED ...]          (default: 0 1)
-#   logs:  work_dirs/ablation/seed<N>.log
+# Issue 13's full-budget ablation on QaTa-COV19 (valid split), 14 epochs per run. Two background queues, one torch
+# thread each, niced so that interactive work on the same cores keeps priority. Each queue trains its runs one after
+# the other, each a resumable `causalclipseg compare` run in $OUT/<arm>_seed<N>: run this script again (next session)
+# and every queue continues where it stopped; finished runs are not retrained.
+# The queues are ordered so that the comparison that matters most is complete first: CausalCLIPSeg and the same
+# model without the causal module (seed 0), then the U-Net, then the second seeds, then the min-max game variants.
+#   usage: scripts/ablation.sh                 start (or continue) both queues
+#          scripts/ablation.sh table           the tables, once both queues have finished (a run that has not
+#                                              finished is resumed here, in the foreground)
+#   logs:  $OUT/queue<N>.log
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${DATA:-../shared/data/qata_cov19}
 OUT=${OUT:-work_dirs/ablation}
-ARMS=${ARMS:-causalclipseg no-causal unet uninformative public-masks}
 PY=${PY:-.venv/bin/python}
+QUEUES=("causalclipseg:0 unet:0 causalclipseg:1 uninformative:0"
+        "no-causal:0 unet:1 no-causal:1 public-masks:0")
+compare() {  # compare ARMS... -- SEEDS...: one `causalclipseg compare` with the shared settings
+  local arms=() seeds=()
+  while [ "$1" != "--" ]; do arms+=("$1"); shift; done
+  shift
+  seeds=("$@")
+  OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 nice -n 10 "$PY" -m causalclipseg.cli compare --data "$DATA" \
+    --output-dir "$OUT" --epochs 14 --batch-size 16 --lr 1e-3 --no-progress --arms "${arms[@]}" --seeds "${seeds[@]}"
+}
 mkdir -p "$OUT"
-for seed in "${@:-0 1}"; do
-  for s in $seed; do
-    OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 nohup nice -n 10 "$PY" -m causalclipseg.cli compare --data "$DATA" \
-      --output-dir "$OUT" --epochs 14 --batch-size 16 --lr 1e-3 --no-progress --arms $ARMS --seeds "$s" \
-      >> "$OUT/seed$s.log" 2>&1 &
-    echo "seed $s: pid $! -> $OUT/seed$s.log"
-  done
+if [ "${1:-}" = "table" ]; then
+  compare causalclipseg no-causal unet -- 0 1 && cp "$OUT/comparison.md" "$OUT/main_arms.md"
+  compare causalclipseg uninformative public-masks -- 0 && cp "$OUT/comparison.md" "$OUT/game_arms.md"
+  exit
+fi
+for index in "${!QUEUES[@]}"; do
+  (
+    for item in ${QUEUES[$index]}; do
+      compare "${item%%:*}" -- "${item##*:}" || { echo "queue $index: ${item} failed" >&2; exit 1; }
+    done
+  ) >> "$OUT/queue$index.log" 2>&1 < /dev/null &
+  echo "queue $index (${QUEUES[$index]}): pid $! -> $OUT/queue$index.log"
 done
