@@ -189,7 +189,9 @@ def evaluate_main(argv: Sequence[str] | None = None) -> int:
     parser = _parser(
         "evaluate",
         "Dice and IoU at threshold 0.5 under both protocols: per-image mean (LViT / CausalCLIPSeg "
-        "papers) and dataset-level (areas accumulated over the set), each with a bootstrap 95% interval.")
+        "papers) and dataset-level (areas accumulated over the set), each with a bootstrap 95% interval; "
+        "then the same for the images whose captions say 'unilateral' and 'bilateral' (and those that say neither), "
+        "also in --json (by_extent) and --csv (group).")
     parser.add_argument("--data", required=True, help="dataset root or MONAI datalist JSON")
     parser.add_argument("--split", default="valid", help="train, valid or test")
     parser.add_argument("--prompt-transform", default="none", choices=["none", "swap", "empty"],
@@ -216,10 +218,13 @@ def evaluate_main(argv: Sequence[str] | None = None) -> int:
         device = next(model.parameters()).device
         scores = evaluate_model(model, loader, device, progress=True)
         summary = scores.summary(n_resamples=args.bootstrap)
+        by_extent = {group: scores.summary(n_resamples=args.bootstrap, group=group) for group in scores.groups}
         causal = causal_statistics(model, loader, device, progress=True) if args.causal_stats else None
     except USER_ERRORS as err:
         return _fail(str(err))
     print(f"{args.split} ({args.prompt_transform} prompts{', mirrored' if args.mirror else ''}): {summary}")
+    for group, group_summary in by_extent.items():
+        print(f"  {group} captions: {group_summary}")
     if causal is not None:
         print("causal masks: " + ", ".join(f"{k} {v:.4f}" for k, v in causal.to_dict().items()))
     if args.csv:
@@ -227,7 +232,9 @@ def evaluate_main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps({"split": args.split, "prompt_transform": args.prompt_transform,
                                                "mirror": args.mirror, "model": args.model, **summary.to_dict(),
-                                               **(causal.to_dict() if causal else {})}, indent=2))
+                                               **(causal.to_dict() if causal else {}),
+                                               "by_extent": {g: v.to_dict() for g, v in by_extent.items()}},
+                                              indent=2))
     return 0
 
 

@@ -16,7 +16,13 @@ from PIL import Image
 
 from causalclipseg import cli, create_model
 from causalclipseg.data.datasets import dataset_prompt_side, index_dataset, read_dataset
-from causalclipseg.data.prompts import PROMPT_SIDES, check_prompt_side, names_a_side, to_model_side
+from causalclipseg.data.prompts import (
+    PROMPT_SIDES,
+    check_prompt_side,
+    infection_extent,
+    names_a_side,
+    to_model_side,
+)
 from causalclipseg.factory import DEFAULT_CHECKPOINT, checkpoint_prompt_side, load_state_dict
 from causalclipseg.inference.predictor import Predictor
 from causalclipseg.inference.prompts import model_tokens
@@ -177,9 +183,29 @@ def test_evaluate_scores_qata_captions_as_written(tmp_path, qata_root, capsys):
                      "--bootstrap", "10", "--json", str(tmp_path / "ours.json")]) == 0
     ours = json.loads((tmp_path / "ours.json").read_text())
     predictor = Predictor(device="cpu", prompt_side="viewer")
-    dices = []
+    dices, extents = [], []
     for record in read_dataset(qata_root, "valid")[:24]:
         truth = np.array(Image.open(record["label"])) > 0
         mask = predictor.predict(record["image"], record["prompt"]).mask.T > 0
         dices.append(2 * (mask & truth).sum() / (mask.sum() + truth.sum()) if truth.any() or mask.any() else 1.0)
+        extents.append(infection_extent(record["prompt"]))
     assert ours["per_image/dice"] == pytest.approx(float(np.mean(dices)), abs=0.02)
+    # the unilateral target is read from these: each extent's images alone
+    assert set(ours["by_extent"]) == set(extents) >= {"unilateral", "bilateral"}
+    for extent, scores in ours["by_extent"].items():
+        mine = [d for d, e in zip(dices, extents) if e == extent]
+        assert scores["n_images"] == len(mine)
+        assert scores["per_image/dice"] == pytest.approx(float(np.mean(mine)), abs=0.03)
+
+
+@pytest.mark.parametrize("prompt, extent", [
+    ("unilateral pulmonary infection, one infected area, lower right lung.", "unilateral"),
+    ("Bilateral pulmonary infection, two infected areas, all left lung and all right lung.", "bilateral"),
+    ("BILATERAL INFECTION", "bilateral"),
+    ("infection in the lower left lung", "unstated"),
+    ("a unilateralism of sorts", "unstated"),
+    ("", "unstated"),
+    (None, "unstated"),
+])
+def test_the_extent_a_caption_states(prompt, extent):
+    assert infection_extent(prompt) == extent

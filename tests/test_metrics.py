@@ -141,3 +141,26 @@ def test_input_validation():
     assert len(scores) == 1
     scores.reset()
     assert len(scores) == 0
+
+
+def test_a_group_is_scored_as_its_images_alone(tmp_path):
+    """``summary(group=...)`` equals the summary of a scorer fed only that group's images; the CSV says each image's
+    group; groups must match the batch."""
+    pred, label = _hand_made()
+    scores, alone = SegmentationScores(), SegmentationScores()
+    groups = ["unilateral", "bilateral", "unilateral", "unstated"]
+    scores.update(pred[:2], label[:2], names=["a", "b"], groups=groups[:2])
+    scores.update(pred[2:], label[2:], names=["c", "d"], groups=groups[2:])
+    assert scores.groups == ["unilateral", "bilateral", "unstated"]
+    alone.update(pred[[0, 2]], label[[0, 2]])
+    assert scores.summary(n_resamples=40, group="unilateral") == alone.summary(n_resamples=40)
+    assert scores.summary(n_resamples=0, group="bilateral").n_images == 1
+    assert scores.summary(n_resamples=0).n_images == 4  # all, whatever their group
+    with pytest.raises(ValueError, match=r"no images scored in group .both. \(groups: unilateral, bilateral, unstated"):
+        scores.summary(group="both")
+    with pytest.raises(ValueError, match=r"groups must hold one entry per image \(2\), got 1"):
+        scores.update(pred[:2], label[:2], groups=["unilateral"])
+    scores.to_csv(tmp_path / "rows.csv")
+    with open(tmp_path / "rows.csv", newline="") as f:
+        rows = list(csv.reader(f))
+    assert rows[0][-1] == "group" and [r[-1] for r in rows[1:]] == groups

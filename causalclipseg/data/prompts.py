@@ -20,8 +20,9 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
-__all__ = ["PROMPT_SIDES", "PROMPT_TRANSFORMS", "check_prompt_side", "empty_prompt", "get_prompt_transform",
-           "identity_prompt", "names_a_side", "swap_laterality", "to_model_side"]
+__all__ = ["EXTENTS", "PROMPT_SIDES", "PROMPT_TRANSFORMS", "check_prompt_side", "empty_prompt",
+           "get_prompt_transform", "identity_prompt", "infection_extent", "names_a_side", "swap_laterality",
+           "to_model_side"]
 
 #: How a prompt names sides: ``patient`` (the patient's own left, as clinicians say) or ``viewer`` (the image's
 #: left as displayed, as QaTa-COV19's captions say)
@@ -85,6 +86,18 @@ def names_a_side(prompt: str) -> bool:
     """Whether ``prompt`` says "left" or "right" (as whole words), so that its mask depends on the image's
     orientation."""
     return isinstance(prompt, str) and _LATERAL_WORD.search(prompt) is not None
+
+
+#: What :func:`infection_extent` tells apart: QaTa-COV19's captions begin "unilateral ..." or "bilateral ...".
+EXTENTS = ("unilateral", "bilateral", "unstated")
+_EXTENT_WORD = re.compile(r"\b(unilateral|bilateral)\b", flags=re.IGNORECASE)
+
+
+def infection_extent(prompt: str) -> str:
+    """``unilateral`` or ``bilateral`` as the prompt's first such word says (whole words, any case), else
+    ``unstated``: the groups the issue's targets and the evaluation's per-extent scores are given for."""
+    match = _EXTENT_WORD.search(prompt) if isinstance(prompt, str) else None
+    return match.group(1).lower() if match else "unstated"
 
 
 def identity_prompt(prompt: str) -> str:

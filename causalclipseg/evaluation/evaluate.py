@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from ..data.datasets import read_dataset
 from ..data.pipelines import get_val_transforms
+from ..data.prompts import infection_extent
 from ..factory import DEFAULT_MODEL
 from ..inference.predictor import load_trained_model
 from ..io.writers import atomic_write
@@ -36,12 +37,15 @@ def split_loader(model: nn.Module, data: str | os.PathLike, split: str, batch_si
                  num_workers: int = 0) -> DataLoader:
     """A dataset split's records for ``model``: captions read in the convention the model learned, images through
     the validation transforms of training (with a prompt transform, or mirrored with their prompts' sides swapped).
+    Each record carries its caption's ``extent`` (:func:`~causalclipseg.data.prompts.infection_extent`, read before
+    any prompt transform), by which :func:`evaluate_model` groups its scores.
 
     Raises:
         FileNotFoundError: if the dataset is missing.
         ValueError: for an unusable dataset, a split without records or an unknown prompt transform.
     """
-    records = read_dataset(data, split, prompt_side=model.prompt_side)[:max_images]
+    records = [{**record, "extent": infection_extent(record["prompt"])}
+               for record in read_dataset(data, split, prompt_side=model.prompt_side)[:max_images]]
     if not records:
         raise ValueError(f"dataset {data} has no {split!r} records to evaluate")
     transforms = get_val_transforms(model.config.image_size, model.tokenizer.context_length, prompt_transform,
@@ -62,13 +66,15 @@ def evaluate_model(model: nn.Module, loader: DataLoader, device: torch.device,
     """Score ``model`` (``forward(image, text) -> logits``) on batches with ``image``, ``text`` and ``label``.
 
     Returns:
-        a filled :class:`~causalclipseg.evaluation.metrics.SegmentationScores` (per-image rows named by file).
+        a filled :class:`~causalclipseg.evaluation.metrics.SegmentationScores` (per-image rows named by file, grouped
+        by the batches' ``extent`` where they have one, as :func:`split_loader`'s do).
     """
     model.eval()
     scores = SegmentationScores()
     for batch in tqdm(loader, desc="evaluate", disable=not progress, leave=False):
         logits = model(batch["image"].to(device), batch["text"].to(device))
-        scores.update(torch.sigmoid(logits).float().cpu(), batch["label"], names=_names(batch, len(logits)))
+        scores.update(torch.sigmoid(logits).float().cpu(), batch["label"], names=_names(batch, len(logits)),
+                      groups=batch.get("extent"))
     return scores
 
 

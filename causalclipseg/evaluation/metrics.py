@@ -123,6 +123,9 @@ class SegmentationScores:
     Args:
         threshold: predictions above it are foreground; binary predictions pass unchanged.
 
+    Images may carry a group (``groups`` of :meth:`update`, e.g. the caption's infection extent); :meth:`summary`
+    then scores one group as it scores the whole set.
+
     Example:
         >>> scores = SegmentationScores()
         >>> scores.update(torch.sigmoid(logits), batch["label"], names=batch["name"])  # doctest: +SKIP
@@ -139,24 +142,27 @@ class SegmentationScores:
         """Forget all rows."""
         self._rows: list[np.ndarray] = []  # each (B, 5): intersection, pred_sum, label_sum, dice, iou
         self._names: list[str | None] = []
+        self._groups: list[str | None] = []
 
     def __len__(self) -> int:
         return len(self._names)
 
     def update(self, pred: torch.Tensor | np.ndarray, label: torch.Tensor | np.ndarray,
-               names: Sequence[str] | None = None) -> np.ndarray:
+               names: Sequence[str] | None = None, groups: Sequence[str] | None = None) -> np.ndarray:
         """Score one batch.
 
         Args:
             pred: probabilities in [0, 1] or binary predictions, ``(B, 1, H, W)`` (or more spatial axes).
             label: ground truth in {0, 1}, same shape.
             names: one name per image (file names), written by :meth:`to_csv`.
+            groups: one group per image, for :meth:`summary` of a group and :meth:`to_csv`.
 
         Returns:
             the batch's per-image Dice, ``(B,)``.
 
         Raises:
-            ValueError: if shapes differ, have no channel axis of size 1, or ``names`` has the wrong length.
+            ValueError: if shapes differ, have no channel axis of size 1, or ``names`` or ``groups`` has the wrong
+                length.
         """
         pred_t, label_t = torch.as_tensor(pred).detach(), torch.as_tensor(label).detach()
         if pred_t.shape != label_t.shape:
@@ -164,8 +170,9 @@ class SegmentationScores:
                              f"{tuple(label_t.shape)}")
         if pred_t.ndim < 3 or pred_t.shape[1] != 1:
             raise ValueError(f"pred must be (B, 1, H, W) with one channel, got shape {tuple(pred_t.shape)}")
-        if names is not None and len(names) != pred_t.shape[0]:
-            raise ValueError(f"names must hold one name per image ({pred_t.shape[0]}), got {len(names)}")
+        for what, given in (("names", names), ("groups", groups)):
+            if given is not None and len(given) != pred_t.shape[0]:
+                raise ValueError(f"{what} must hold one entry per image ({pred_t.shape[0]}), got {len(given)}")
         pred_b = (pred_t.float() > self.threshold).float()
         label_b = (label_t.float() > 0.5).float()
         spatial = tuple(range(1, pred_b.ndim))
@@ -176,6 +183,7 @@ class SegmentationScores:
         rows = torch.stack([intersection, pred_sum, label_sum, dice, iou], dim=1).cpu().double().numpy()
         self._rows.append(rows)
         self._names += list(names) if names is not None else [None] * len(rows)
+        self._groups += [str(g) for g in groups] if groups is not None else [None] * len(rows)
         return rows[:, 3].copy()
 
     @property
@@ -183,18 +191,30 @@ class SegmentationScores:
         """Per-image rows ``(N, 5)``: intersection, pred_sum, label_sum, dice, iou."""
         return np.concatenate(self._rows, axis=0) if self._rows else np.zeros((0, 5))
 
-    def summary(self, n_resamples: int = 1000, seed: int = 0, confidence: float = 0.95) -> ScoresSummary:
+    @property
+    def groups(self) -> list[str]:
+        """The groups given to :meth:`update`, in the order first seen."""
+        return list(dict.fromkeys(g for g in self._groups if g is not None))
+
+    def summary(self, n_resamples: int = 1000, seed: int = 0, confidence: float = 0.95,
+                group: str | None = None) -> ScoresSummary:
         """Both protocols with percentile bootstrap intervals (images resampled with replacement).
 
         Args:
             n_resamples: bootstrap resamples; 0 gives intervals equal to the value.
             seed: seed of the resampling, for reproducible intervals.
             confidence: interval coverage.
+            group: score only the images of this group (see :attr:`groups`); ``None``: all.
 
         Raises:
-            ValueError: if nothing was scored, ``n_resamples`` is negative or ``confidence`` not in (0, 1).
+            ValueError: if nothing was scored (in ``group``), ``n_resamples`` is negative or ``confidence`` not in
+                (0, 1).
         """
         rows = self.rows
+        if group is not None:
+            rows = rows[np.array([g == group for g in self._groups], dtype=bool)] if len(rows) else rows
+            if len(rows) == 0:
+                raise ValueError(f"no images scored in group {group!r} (groups: {', '.join(self.groups) or 'none'})")
         if len(rows) == 0:
             raise ValueError("no images scored: call update() before summary()")
         if n_resamples < 0:
@@ -235,7 +255,8 @@ class SegmentationScores:
         )
 
     def to_csv(self, path: str | os.PathLike, names: Sequence[str] | None = None) -> None:
-        """Write the per-image rows: ``name, intersection, pred_sum, label_sum, dice, iou``.
+        """Write the per-image rows: ``name, intersection, pred_sum, label_sum, dice, iou``, and ``group`` where
+        groups were given.
 
         Args:
             path: the CSV file (overwritten).
@@ -249,8 +270,10 @@ class SegmentationScores:
             names = [name if name is not None else str(i) for i, name in enumerate(self._names)]
         elif len(names) != len(rows):
             raise ValueError(f"names must hold one name per scored image ({len(rows)}), got {len(names)}")
+        grouped = bool(self.groups)
         with open(path, "w", newline="", encoding="utf-8") as f:
             writer = csv.writer(f)
-            writer.writerow(_CSV_COLUMNS)
-            for name, row in zip(names, rows):
-                writer.writerow([name, int(row[0]), int(row[1]), int(row[2]), f"{row[3]:.6f}", f"{row[4]:.6f}"])
+            writer.writerow(_CSV_COLUMNS + (("group",) if grouped else ()))
+            for name, row, group in zip(names, rows, self._groups):
+                cells = [name, int(row[0]), int(row[1]), int(row[2]), f"{row[3]:.6f}", f"{row[4]:.6f}"]
+                writer.writerow(cells + ([group or ""] if grouped else []))
