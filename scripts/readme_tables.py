@@ -95,16 +95,45 @@ def causal_masks(root: Path) -> str:
                    "confounder per-image Dice", "confounder dataset-level Dice"], [row])
 
 
-def comparison(root: Path) -> str:
-    """``causalclipseg compare``'s own table (:func:`causalclipseg.experiments.compare.format_table`): mean +/- std
-    over seeds (or value [interval] for one seed) per arm."""
+ABLATION = f"{RESULTS}/ablation_14epochs.json"
+
+
+def _compare_table(path: str, root: Path) -> str:
+    """``causalclipseg compare``'s own table (:func:`causalclipseg.experiments.compare.format_table`) of the
+    ``comparison.json`` at ``path``: mean +/- std over seeds (or value [interval] for one seed) per arm."""
     from causalclipseg.experiments.compare import format_table
 
-    result = _load(f"{RESULTS}/comparison_1epoch.json", root)
+    result = _load(path, root)
     for stats in result["summary"].values():  # the reconstructed 1-epoch file records minutes, compare seconds
         if "train_minutes" in stats:
             stats["train_seconds"] = {"mean": stats["train_minutes"]["mean"] * 60}
     return format_table(result) + "\n"
+
+
+def comparison(root: Path) -> str:
+    """The one-epoch comparison."""
+    return _compare_table(f"{RESULTS}/comparison_1epoch.json", root)
+
+
+def ablation(root: Path) -> str:
+    """The full-budget ablation (14 epochs)."""
+    return _compare_table(ABLATION, root)
+
+
+ABLATION_EXTENT = tuple(f"{RESULTS}/ablation_seed0_{arm}_by_extent.json" for arm in ("causalclipseg", "no-causal"))
+
+
+def ablation_extent(root: Path) -> str:
+    """Each seed-0 best model of the ablation by the captions' extent (``causalclipseg evaluate``'s ``by_extent``):
+    per-image Dice with its interval and the images counted."""
+    rows = []
+    for path in ABLATION_EXTENT:
+        d = _load(path, root)
+        cells = [f"{_interval(d, 'per_image/dice')} ({d['n_images']})"]
+        cells += [f"{_interval(d['by_extent'][g], 'per_image/dice')} ({d['by_extent'][g]['n_images']})"
+                  for g in ("unilateral", "bilateral")]
+        rows.append([f"{d['arm']} (seed {d['seed']})", *cells])
+    return _table(["best model", "all captions", "unilateral captions", "bilateral captions"], rows)
 
 
 _PARTS = ("encoders", "decoder", "causal", "projector", "other")
@@ -170,6 +199,8 @@ TABLES = (
     Table("shipped-valid", "README.md", shipped_validation, (SHIPPED_METRICS,)),
     Table("text-reliance", "README.md", text_reliance, tuple(f"{RESULTS}/{n}" for _, n in TEXT_RELIANCE_ROWS)),
     Table("causal-masks", "README.md", causal_masks, (f"{RESULTS}/evaluate_valid_mirror.json",)),
+    Table("ablation", "README.md", ablation, (ABLATION,)),
+    Table("ablation-extent", "README.md", ablation_extent, ABLATION_EXTENT),
     Table("comparison", "README.md", comparison, (f"{RESULTS}/comparison_1epoch.json",)),
     Table("benchmark-inference", "README.md", benchmark_inference, (f"{RESULTS}/benchmark_cpu.json",)),
     Table("benchmark-training", "README.md", benchmark_training, (f"{RESULTS}/benchmark_cpu.json",)),
