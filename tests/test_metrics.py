@@ -158,7 +158,7 @@ def test_a_group_is_scored_as_its_images_alone(tmp_path):
     assert scores.summary(n_resamples=0).n_images == 4  # all, whatever their group
     with pytest.raises(ValueError, match=r"no images scored in group .both. \(groups: unilateral, bilateral, unstated"):
         scores.summary(group="both")
-    with pytest.raises(ValueError, match=r"groups must hold one entry per image \(2\), got 1"):
+    with pytest.raises(ValueError, match=r"groups must hold one group per image \(2\), got 1"):
         scores.update(pred[:2], label[:2], groups=["unilateral"])
     scores.to_csv(tmp_path / "rows.csv")
     with open(tmp_path / "rows.csv", newline="") as f:

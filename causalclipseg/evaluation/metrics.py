@@ -170,9 +170,9 @@ class SegmentationScores:
                              f"{tuple(label_t.shape)}")
         if pred_t.ndim < 3 or pred_t.shape[1] != 1:
             raise ValueError(f"pred must be (B, 1, H, W) with one channel, got shape {tuple(pred_t.shape)}")
-        for what, given in (("names", names), ("groups", groups)):
+        for what, given in (("name", names), ("group", groups)):
             if given is not None and len(given) != pred_t.shape[0]:
-                raise ValueError(f"{what} must hold one entry per image ({pred_t.shape[0]}), got {len(given)}")
+                raise ValueError(f"{what}s must hold one {what} per image ({pred_t.shape[0]}), got {len(given)}")
         pred_b = (pred_t.float() > self.threshold).float()
         label_b = (label_t.float() > 0.5).float()
         spatial = tuple(range(1, pred_b.ndim))
