@@ -20,7 +20,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
-__all__ = ["EXTENTS", "PROMPT_SIDES", "PROMPT_TRANSFORMS", "check_prompt_side", "empty_prompt",
+__all__ = ["PROMPT_SIDES", "PROMPT_TRANSFORMS", "check_prompt_side", "empty_prompt",
            "get_prompt_transform", "identity_prompt", "infection_extent", "names_a_side", "swap_laterality",
            "to_model_side"]
 
@@ -88,8 +88,7 @@ def names_a_side(prompt: str) -> bool:
     return isinstance(prompt, str) and _LATERAL_WORD.search(prompt) is not None
 
 
-#: What :func:`infection_extent` tells apart: QaTa-COV19's captions begin "unilateral ..." or "bilateral ...".
-EXTENTS = ("unilateral", "bilateral", "unstated")
+# What infection_extent tells apart: QaTa-COV19's captions begin "unilateral ..." or "bilateral ...".
 _EXTENT_WORD = re.compile(r"\b(unilateral|bilateral)\b", flags=re.IGNORECASE)
 
 
