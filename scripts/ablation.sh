@@ -3,8 +3,9 @@
 # thread each, niced so that interactive work on the same cores keeps priority. Each queue trains its runs one after
 # the other, each a resumable `causalclipseg compare` run in $OUT/<arm>_seed<N>: run this script again (next session)
 # and every queue continues where it stopped; finished runs are not retrained.
-# The queues are ordered so that the comparison that matters most is complete first: CausalCLIPSeg and the same
-# model without the causal module (seeds 0, then 1), then the U-Net, then the min-max game variants.
+# The queues are ordered so that the comparisons that decide the shipped configuration are complete first:
+# CausalCLIPSeg and the same model without the causal module (seeds 0, then 1), then the min-max game variants,
+# then the U-Net baseline.
 #   usage: scripts/ablation.sh                 start (or continue) both queues
 #          scripts/ablation.sh table           the tables, once both queues have finished (a run that has not
 #                                              finished is resumed here, in the foreground)
@@ -14,8 +15,8 @@ cd "$(dirname "$0")/.."
 DATA=${DATA:-../shared/data/qata_cov19}
 OUT=${OUT:-work_dirs/ablation}
 PY=${PY:-.venv/bin/python}
-QUEUES=("causalclipseg:0 causalclipseg:1 unet:0 uninformative:0"
-        "no-causal:0 no-causal:1 unet:1 public-masks:0")
+QUEUES=("causalclipseg:0 causalclipseg:1 uninformative:0 unet:0"
+        "no-causal:0 no-causal:1 public-masks:0 unet:1")
 compare() {  # compare ARMS... -- SEEDS...: one `causalclipseg compare` with the shared settings
   local arms=() seeds=()
   while [ "$1" != "--" ]; do arms+=("$1"); shift; done

@@ -578,8 +578,12 @@ class TextPromptSegmentationTest(ScriptedLoadableModuleTest):
                 return ("the causalclipseg package is not installed in Slicer's Python (open the module and press "
                         "'Install dependencies', or set a Python interpreter under Advanced).")
             return None
-        if not os.path.isfile(python):
-            return f"the Python interpreter {python} set under Advanced does not exist."
+        logic = TextPromptSegmentationLogic()
+        logic.pythonExecutable = python
+        try:
+            logic.interpreter()
+        except FileNotFoundError as err:
+            return f"{err} (set under Advanced)."
         try:
             missing = dependencies.missing_in_interpreter(
                 python, {dependencies.PACKAGE_MODULE: DEFAULT_PACKAGE}, env=child_environment(os.environ, False))

@@ -10,7 +10,8 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 start=$SECONDS
 model_python="$(command -v "${CAUSALCLIPSEG_PYTHON:-python}")"
-"$model_python" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('causalclipseg') is None)" || {
+# asked from / so that this checkout (the working directory) does not count as an installed package
+(cd / && "$model_python" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('causalclipseg') is None)") || {
     echo "slicer scene: $model_python has no causalclipseg; set CAUSALCLIPSEG_PYTHON to the project's Python" >&2
     exit 2
 }
