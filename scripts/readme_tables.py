@@ -206,6 +206,7 @@ TABLES = (
     Table("benchmark-training", "README.md", benchmark_training, (f"{RESULTS}/benchmark_cpu.json",)),
     Table("benchmark-volumes", "README.md", benchmark_volumes, (f"{RESULTS}/benchmark_volumes.json",)),
     Table("bundle-performance", "bundle/docs/README.md", bundle_performance, (BUNDLE_METADATA, SHIPPED_METRICS)),
+    Table("bundle-ablation", "bundle/docs/README.md", ablation, (ABLATION,)),
 )
 
 
