@@ -250,11 +250,14 @@ def compare_main(argv: Sequence[str] | None = None) -> int:
     _add_dataclass_args(parser, TrainConfig, exclude=("model", "prompt_transform", "seed"))
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS), help="arms to run")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0], help="one run per arm and seed")
+    parser.add_argument("--no-train", action="store_true",
+                        help="only tabulate runs that have finished (e.g. trained by other processes); refuse, naming "
+                             "them, if any has not")
     args = vars(parser.parse_args(argv))
-    arms, seeds = args.pop("arms"), args.pop("seeds")
+    arms, seeds, train_runs = args.pop("arms"), args.pop("seeds"), not args.pop("no_train")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     try:
-        result = compare(TrainConfig(**args), arms, seeds)
+        result = compare(TrainConfig(**args), arms, seeds, train_runs)
     except USER_ERRORS as err:
         return _fail(str(err))
     print(format_table(result))

@@ -7,8 +7,8 @@
 # CausalCLIPSeg and the same model without the causal module (seeds 0, then 1), then the min-max game variants,
 # then the U-Net baseline.
 #   usage: scripts/ablation.sh                 start (or continue) both queues
-#          scripts/ablation.sh table           the tables, once both queues have finished (a run that has not
-#                                              finished is resumed here, in the foreground)
+#          scripts/ablation.sh table           the tables, once both queues have finished (compare --no-train:
+#                                              refused, naming them, while any run has not finished)
 #   logs:  $OUT/queue<N>.log
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,10 +23,11 @@ compare() {  # compare ARMS... -- SEEDS...: one `causalclipseg compare` with the
   shift
   seeds=("$@")
   OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 nice -n 10 "$PY" -m causalclipseg.cli compare --data "$DATA" \
-    --output-dir "$OUT" --epochs 14 --batch-size 16 --lr 1e-3 --no-progress --arms "${arms[@]}" --seeds "${seeds[@]}"
+    --output-dir "$OUT" --epochs 14 --batch-size 16 --lr 1e-3 --no-progress --arms "${arms[@]}" --seeds "${seeds[@]}" ${TABULATE:+--no-train}
 }
 mkdir -p "$OUT"
 if [ "${1:-}" = "table" ]; then
+  TABULATE=1
   compare causalclipseg no-causal unet -- 0 1 && cp "$OUT/comparison.md" "$OUT/main_arms.md"
   compare causalclipseg uninformative public-masks -- 0 && cp "$OUT/comparison.md" "$OUT/game_arms.md"
   exit

@@ -101,6 +101,20 @@ def test_compare_trains_every_arm_per_seed_and_tabulates(tmp_path, capsys):
     assert cli.main(args) == 0
     again = json.loads((out / "comparison.json").read_text())
     assert [r["per_image/dice"] for r in again["runs"]] == [r["per_image/dice"] for r in result["runs"]]
+    # --no-train tabulates finished runs as they are (the same table) ...
+    capsys.readouterr()
+    assert cli.main([*args, "--no-train"]) == 0
+    assert capsys.readouterr().out.strip() == table.strip()
+    assert json.loads((out / "comparison.json").read_text())["runs"] == again["runs"]
+    # ... and refuses, naming every run not finished, before it trains or touches anything
+    (out / "unet_seed1" / "history.jsonl").write_text(
+        (out / "unet_seed1" / "history.jsonl").read_text().replace('"epoch": 1,', '"epoch": 0,'))
+    more = [*args[:args.index("--seeds")], "--seeds", "0", "1", "2", "--no-train"]
+    assert cli.main(more) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: not finished (1 epochs)") and "\n" not in err
+    assert err.count("_seed2") == 2 and "unet_seed1" in err and "unet_seed0" not in err
+    assert not (out / "unet_seed2").exists()
 
 
 def test_compare_rejects_an_unknown_arm(tmp_path, capsys):

@@ -57,18 +57,38 @@ _METRICS = ("per_image/dice", "per_image/iou", "dataset_level/dice", "dataset_le
 _EXTRA = ("mirrored/per_image/dice", "causal/mask_mean", "causal/lesion_to_background", "causal/confounder_dice")
 
 
-def _run_arm(base: TrainConfig, name: str, seed: int) -> dict[str, Any]:
+def _arm_config(base: TrainConfig, name: str, seed: int) -> TrainConfig:
     arm = ARMS[name]
-    out = Path(base.output_dir) / f"{name}_seed{seed}"
-    cfg = replace(base, output_dir=str(out), model=arm.model, prompt_transform=arm.prompt_transform, seed=seed,
-                  game=arm.game)
+    return replace(base, output_dir=str(Path(base.output_dir) / f"{name}_seed{seed}"), model=arm.model,
+                   prompt_transform=arm.prompt_transform, seed=seed, game=arm.game)
+
+
+def _finished(cfg: TrainConfig) -> bool:
+    """Whether the run in ``cfg.output_dir`` has trained all its epochs: the trainer validates after the last
+    epoch, so its history then ends at ``cfg.epochs``, and its time is recorded."""
+    out = Path(cfg.output_dir)
+    history = out / "history.jsonl"
+    if not all(p.exists() for p in (history, out / "best_metrics.json", out / "train_seconds.json")):
+        return False
+    lines = history.read_text().strip().splitlines()
+    return bool(lines) and json.loads(lines[-1])["epoch"] >= cfg.epochs
+
+
+def _run_arm(base: TrainConfig, name: str, seed: int, train_runs: bool = True) -> dict[str, Any]:
+    arm = ARMS[name]
+    cfg = _arm_config(base, name, seed)
+    out = Path(cfg.output_dir)
     timing_file = out / "train_seconds.json"
-    start = time.perf_counter()
-    best = train(cfg)
-    spent = time.perf_counter() - start
-    previous = json.loads(timing_file.read_text())["seconds"] if timing_file.exists() else 0.0
-    seconds = previous + spent  # a resumed run adds to the time already spent
-    timing_file.write_text(json.dumps({"seconds": seconds}))
+    if train_runs:
+        start = time.perf_counter()
+        best = train(cfg)
+        spent = time.perf_counter() - start
+        previous = json.loads(timing_file.read_text())["seconds"] if timing_file.exists() else 0.0
+        seconds = previous + spent  # a resumed run adds to the time already spent
+        timing_file.write_text(json.dumps({"seconds": seconds}))
+    else:  # a finished run (checked by compare), read back
+        best = json.loads((out / "best_metrics.json").read_text())
+        seconds = json.loads(timing_file.read_text())["seconds"]
     return {"arm": name, "seed": seed, "model": arm.model, "prompt_transform": arm.prompt_transform,
             "game": arm.game, "train_seconds": round(seconds, 1), **best, **_extra_metrics(cfg, best["epoch"])}
 
@@ -96,7 +116,7 @@ def _extra_metrics(cfg: TrainConfig, epoch: int) -> dict[str, float]:
     return extra
 
 
-def compare(base: TrainConfig, arms: list[str], seeds: list[int]) -> dict[str, Any]:
+def compare(base: TrainConfig, arms: list[str], seeds: list[int], train_runs: bool = True) -> dict[str, Any]:
     """Train and validate every arm for every seed; write ``comparison.json`` and ``comparison.md``.
 
     Args:
@@ -104,21 +124,30 @@ def compare(base: TrainConfig, arms: list[str], seeds: list[int]) -> dict[str, A
             and ``seed`` are set per arm and seed, its ``output_dir`` is the comparison's folder.
         arms: names from :data:`ARMS`.
         seeds: one run per arm and seed.
+        train_runs: if false, only tabulate: every run must have finished ``base.epochs`` epochs already (e.g.
+            trained by other processes), and none is trained or resumed.
 
     Returns:
         ``{"settings": ..., "runs": [...], "summary": {arm: {metric: {"mean", "std", "n"}}}}``.
 
     Raises:
-        ValueError: for an unknown arm or no seeds.
+        ValueError: for an unknown arm or no seeds; without ``train_runs``, if a run has not finished (all such
+            runs named).
     """
     unknown = [a for a in arms if a not in ARMS]
     if unknown or not arms:
         raise ValueError(f"arms must be a non-empty selection of {sorted(ARMS)}, got {arms}")
     if not seeds:
         raise ValueError("seeds must name at least one seed")
+    if not train_runs:
+        unfinished = [f"{arm}_seed{seed}" for arm in arms for seed in seeds
+                      if not _finished(_arm_config(base, arm, seed))]
+        if unfinished:
+            raise ValueError(f"not finished ({base.epochs} epochs) in {base.output_dir}: {', '.join(unfinished)}; "
+                             "train them first (compare without --no-train)")
     out = Path(base.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    runs = [_run_arm(base, arm, seed) for arm in arms for seed in seeds]
+    runs = [_run_arm(base, arm, seed, train_runs) for arm in arms for seed in seeds]
     summary = {}
     for arm in arms:
         mine = [r for r in runs if r["arm"] == arm]
