@@ -162,8 +162,12 @@ def test_train_killed_mid_epoch_resumes_exactly(tmp_path):
     for index, state in a["optimizer"]["state"].items():
         for name in ("exp_avg", "exp_avg_sq", "step"):
             torch.testing.assert_close(b["optimizer"]["state"][index][name], state[name], rtol=0, atol=0)
-    history = [json.loads(line)["epoch"] for line in (resumed / "history.jsonl").read_text().splitlines()]
-    assert history[-1] == 2
+    history = [json.loads(line) for line in (resumed / "history.jsonl").read_text().splitlines()]
+    assert history[-1]["epoch"] == 2
+    # the run's clock went on from the checkpoint: it counts both processes, and matches the uninterrupted run's
+    seconds = {d: json.loads((d / "history.jsonl").read_text().splitlines()[-1])["seconds"] for d in (straight, resumed)}
+    assert 0 < history[0]["seconds"] < seconds[resumed] and b["clock"]["seconds"] >= history[0]["seconds"]
+    assert seconds[resumed] > 0.5 * seconds[straight], seconds
 
 
 def test_train_refuses_a_changed_config_in_one_line_unless_allowed(tmp_path, capsys, caplog):
@@ -185,6 +189,10 @@ def test_train_refuses_a_changed_config_in_one_line_unless_allowed(tmp_path, cap
     runtime_only = [*_train_args(data, out, epochs=1), "--checkpoint-every", "5", "--num-workers", "1", "--progress"]
     assert cli.main(runtime_only) == 0  # the same run, complete: nothing to train
     assert (out / "checkpoints" / "last_checkpoint_1.pt").is_file()
+    checkpoint = out / "checkpoints" / "last_checkpoint_1.pt"  # as saved before runs timed themselves
+    legacy = torch.load(checkpoint, weights_only=True)
+    del legacy["clock"]
+    torch.save(legacy, checkpoint)
     with caplog.at_level("WARNING", logger="causalclipseg.training.trainer"):
         assert cli.main([*changed, "--allow-config-change"]) == 0
     assert "continuing the run with epochs 2, lr 0.002 instead of epochs 1, lr 0.001" in caplog.text

@@ -16,7 +16,6 @@ where it stopped.
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -63,34 +62,38 @@ def _arm_config(base: TrainConfig, name: str, seed: int) -> TrainConfig:
                    prompt_transform=arm.prompt_transform, seed=seed, game=arm.game)
 
 
+def _last_validation(out: Path) -> dict[str, Any] | None:
+    """The last line of a run's ``history.jsonl``, if any."""
+    history = out / "history.jsonl"
+    lines = history.read_text().strip().splitlines() if history.exists() else []
+    return json.loads(lines[-1]) if lines else None
+
+
 def _finished(cfg: TrainConfig) -> bool:
     """Whether the run in ``cfg.output_dir`` has trained all its epochs: the trainer validates after the last
-    epoch, so its history then ends at ``cfg.epochs``, and its time is recorded."""
-    out = Path(cfg.output_dir)
-    history = out / "history.jsonl"
-    if not all(p.exists() for p in (history, out / "best_metrics.json", out / "train_seconds.json")):
-        return False
-    lines = history.read_text().strip().splitlines()
-    return bool(lines) and json.loads(lines[-1])["epoch"] >= cfg.epochs
+    epoch, so its history then ends at ``cfg.epochs``."""
+    last = _last_validation(Path(cfg.output_dir))
+    return last is not None and last["epoch"] >= cfg.epochs and (Path(cfg.output_dir) / "best_metrics.json").exists()
+
+
+def _train_seconds(out: Path) -> float:
+    """A run's training and validation time over all its processes: its last validation's ``seconds``. Runs that
+    predate that record have ``train_seconds.json``, written when a ``compare`` process finished them."""
+    last = _last_validation(out)
+    if last is not None and "seconds" in last:
+        return float(last["seconds"])
+    return float(json.loads((out / "train_seconds.json").read_text())["seconds"])
 
 
 def _run_arm(base: TrainConfig, name: str, seed: int, train_runs: bool = True) -> dict[str, Any]:
     arm = ARMS[name]
     cfg = _arm_config(base, name, seed)
     out = Path(cfg.output_dir)
-    timing_file = out / "train_seconds.json"
-    if train_runs:
-        start = time.perf_counter()
-        best = train(cfg)
-        spent = time.perf_counter() - start
-        previous = json.loads(timing_file.read_text())["seconds"] if timing_file.exists() else 0.0
-        seconds = previous + spent  # a resumed run adds to the time already spent
-        timing_file.write_text(json.dumps({"seconds": seconds}))
-    else:  # a finished run (checked by compare), read back
-        best = json.loads((out / "best_metrics.json").read_text())
-        seconds = json.loads(timing_file.read_text())["seconds"]
+    # without train_runs, a finished run (checked by compare) is read back
+    best = train(cfg) if train_runs else json.loads((out / "best_metrics.json").read_text())
+    seconds = _train_seconds(out)
     return {"arm": name, "seed": seed, "model": arm.model, "prompt_transform": arm.prompt_transform,
-            "game": arm.game, "train_seconds": round(seconds, 1), **best, **_extra_metrics(cfg, best["epoch"])}
+            "game": arm.game, **best, "train_seconds": round(seconds, 1), **_extra_metrics(cfg, best["epoch"])}
 
 
 def _extra_metrics(cfg: TrainConfig, epoch: int) -> dict[str, float]:

@@ -37,6 +37,7 @@ import logging
 import math
 import os
 import random
+import time
 from dataclasses import MISSING, asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -217,6 +218,29 @@ class _Best:
         self.dice, self.epoch = float(state["dice"]), int(state["epoch"])
 
 
+class _Clock:
+    """Wall-clock seconds a run has spent training and validating, over all its processes (checkpointed, so a
+    resumed run counts on; what a killed process did after its last checkpoint is not counted, as it is redone)."""
+
+    def __init__(self) -> None:
+        self.before = 0.0  # seconds of the earlier processes, up to the checkpoint this one resumed from
+        self.started: float | None = None
+
+    def start(self) -> None:
+        self.started = time.perf_counter()
+
+    def seconds(self) -> float:
+        return self.before + (time.perf_counter() - self.started if self.started is not None else 0.0)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"seconds": self.seconds()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.before = float(state["seconds"])
+        if self.started is not None:
+            self.start()
+
+
 class _SeededCacheDataset(CacheDataset):
     """CacheDataset whose random transforms are seeded per (seed, epoch, sample).
 
@@ -314,9 +338,11 @@ class Trainer(DeterministicEngine):
         self.step_network = step if not distributed else DistributedDataParallel(
             step, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.best = _Best()
+        self.clock = _Clock()
         self.writer: SummaryWriter | None = None  # opened by run() on rank 0
         self.to_save = {"model": model, "optimizer": self.optimizer, "scheduler": self.lr_scheduler,
-                        "scaler": self.scaler, "trainer": _TrainerState(self), "best": self.best}
+                        "scaler": self.scaler, "trainer": _TrainerState(self), "best": self.best,
+                        "clock": self.clock}
         self.checkpointer = Checkpoint(
             self.to_save, DiskSaver(self.output_dir / "checkpoints", require_empty=False), filename_prefix="last",
             n_saved=1, global_step_transform=lambda e, _: e.state.iteration,
@@ -450,7 +476,8 @@ class Trainer(DeterministicEngine):
             out = self.output_dir
             summary = evaluate_model(self.network, self.val_loader, self.device).summary()
             dice = summary.per_image.dice.value
-            record = {"epoch": engine.state.epoch, "iteration": engine.state.iteration, **summary.to_dict()}
+            record = {"epoch": engine.state.epoch, "iteration": engine.state.iteration,
+                      "seconds": round(self.clock.seconds(), 1), **summary.to_dict()}
             history = out / "history.jsonl"  # one line per validated epoch, also when a resumed run validates again
             lines = [line for line in (history.read_text().splitlines() if history.exists() else [])
                      if json.loads(line)["epoch"] < record["epoch"]] + [json.dumps(record)]
@@ -476,7 +503,10 @@ class Trainer(DeterministicEngine):
         if last:
             try:
                 state = torch.load(last[-1], map_location=self.device, weights_only=True)
-                Checkpoint.load_objects({**self.to_save, "checkpointer": self.checkpointer}, state)
+                objects = {**self.to_save, "checkpointer": self.checkpointer}
+                if "clock" not in state:  # saved before runs timed themselves: this run counts from here
+                    del objects["clock"]
+                Checkpoint.load_objects(objects, state)
             except Exception as err:  # noqa: BLE001 - torch and ignite raise many types; all mean "cannot resume"
                 raise ValueError(f"cannot resume from checkpoint {last[-1]} ({type(err).__name__}: "
                                  f"{str(err).strip().splitlines()[0] if str(err).strip() else 'unreadable'}); "
@@ -488,7 +518,8 @@ class Trainer(DeterministicEngine):
         """Train, or resume the run in ``output_dir``; returns the best validation record.
 
         Writes into ``output_dir`` (rank 0): ``checkpoints/last_*.pt`` (the resumable state), ``best_model.pt`` (a
-        plain state dict of the best epoch), ``best_metrics.json``, ``history.jsonl`` (one line per validation),
+        plain state dict of the best epoch), ``best_metrics.json``, ``history.jsonl`` (one line per validation, with
+        ``seconds``: the run's training and validation time so far, over all its processes),
         ``tensorboard/`` and ``train_config.json`` (the config, and ``world_size``).
 
         Raises:
@@ -501,6 +532,7 @@ class Trainer(DeterministicEngine):
             atomic_write(out / RUN_FILE, lambda tmp: Path(tmp).write_text(record))
             self.writer = SummaryWriter(str(out / "tensorboard"))
         self._resume()
+        self.clock.start()
         if self.state.iteration >= self.total_iterations:  # ignite would start a finished run over
             logger.info("the run in %s is complete (%d epochs); nothing to train", out, self.config.epochs)
         else:
