@@ -120,7 +120,10 @@ def ablation(root: Path) -> str:
     return _compare_table(ABLATION, root)
 
 
-ABLATION_EXTENT = tuple(f"{RESULTS}/ablation_seed0_{arm}_by_extent.json" for arm in ("causalclipseg", "no-causal"))
+ABLATION_EXTENT = tuple(f"{RESULTS}/ablation_seed0_{name}_by_extent.json"
+                        for name in ("causalclipseg", "no-causal", "no-causal_swap", "no-causal_empty"))
+#: how the ablation-extent table names an evaluation's prompt transform
+_PROMPTS = {"none": "", "swap": ", sides swapped", "empty": ", empty prompts"}
 
 
 def ablation_extent(root: Path) -> str:
@@ -132,7 +135,7 @@ def ablation_extent(root: Path) -> str:
         cells = [f"{_interval(d, 'per_image/dice')} ({d['n_images']})"]
         cells += [f"{_interval(d['by_extent'][g], 'per_image/dice')} ({d['by_extent'][g]['n_images']})"
                   for g in ("unilateral", "bilateral")]
-        rows.append([f"{d['arm']} (seed {d['seed']})", *cells])
+        rows.append([f"{d['arm']} (seed {d['seed']}{_PROMPTS[d['prompt_transform']]})", *cells])
     return _table(["best model", "all captions", "unilateral captions", "bilateral captions"], rows)
 
 
