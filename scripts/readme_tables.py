@@ -96,6 +96,7 @@ def causal_masks(root: Path) -> str:
 
 
 ABLATION = f"{RESULTS}/ablation_14epochs.json"
+ABLATION_GAME = f"{RESULTS}/ablation_game_14epochs.json"
 
 
 def _compare_table(path: str, root: Path) -> str:
@@ -120,8 +121,13 @@ def ablation(root: Path) -> str:
     return _compare_table(ABLATION, root)
 
 
+def ablation_game(root: Path) -> str:
+    """The full-budget ablation's min-max game variants (14 epochs)."""
+    return _compare_table(ABLATION_GAME, root)
+
+
 ABLATION_EXTENT = tuple(f"{RESULTS}/ablation_seed0_{name}_by_extent.json"
-                        for name in ("causalclipseg", "no-causal", "no-causal_swap", "no-causal_empty"))
+                        for name in ("causalclipseg", "public-masks", "no-causal", "no-causal_swap", "no-causal_empty"))
 #: how the ablation-extent table names an evaluation's prompt transform
 _PROMPTS = {"none": "", "swap": ", sides swapped", "empty": ", empty prompts"}
 
@@ -203,6 +209,7 @@ TABLES = (
     Table("text-reliance", "README.md", text_reliance, tuple(f"{RESULTS}/{n}" for _, n in TEXT_RELIANCE_ROWS)),
     Table("causal-masks", "README.md", causal_masks, (f"{RESULTS}/evaluate_valid_mirror.json",)),
     Table("ablation", "README.md", ablation, (ABLATION,)),
+    Table("ablation-game", "README.md", ablation_game, (ABLATION_GAME,)),
     Table("ablation-extent", "README.md", ablation_extent, ABLATION_EXTENT),
     Table("comparison", "README.md", comparison, (f"{RESULTS}/comparison_1epoch.json",)),
     Table("benchmark-inference", "README.md", benchmark_inference, (f"{RESULTS}/benchmark_cpu.json",)),
