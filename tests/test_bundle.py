@@ -383,7 +383,11 @@ def test_list_inputs_treats_a_dicom_series_as_one_volume(data):
 
 # ---------------------------------------------------------------------------------------- training, evaluation
 def _history(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
+    """The run's validation records without their wall-clock ``seconds`` (which must be there, and grow)."""
+    records = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
+    seconds = [record.pop("seconds") for record in records]
+    assert all(0 < a < b for a, b in zip(seconds, seconds[1:])) and seconds[0] > 0, seconds
+    return records
 
 
 def _checkpoints(run: Path) -> list[str]:
