@@ -26,6 +26,7 @@ import re
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -111,19 +112,7 @@ def _compare_table(path: str, root: Path) -> str:
     return format_table(result) + "\n"
 
 
-def comparison(root: Path) -> str:
-    """The one-epoch comparison."""
-    return _compare_table(f"{RESULTS}/comparison_1epoch.json", root)
-
-
-def ablation(root: Path) -> str:
-    """The full-budget ablation (14 epochs)."""
-    return _compare_table(ABLATION, root)
-
-
-def ablation_game(root: Path) -> str:
-    """The full-budget ablation's min-max game variants (14 epochs)."""
-    return _compare_table(ABLATION_GAME, root)
+COMPARISON = f"{RESULTS}/comparison_1epoch.json"
 
 
 ABLATION_EXTENT = tuple(f"{RESULTS}/ablation_seed0_{name}_by_extent.json"
@@ -208,15 +197,15 @@ TABLES = (
     Table("shipped-valid", "README.md", shipped_validation, (SHIPPED_METRICS,)),
     Table("text-reliance", "README.md", text_reliance, tuple(f"{RESULTS}/{n}" for _, n in TEXT_RELIANCE_ROWS)),
     Table("causal-masks", "README.md", causal_masks, (f"{RESULTS}/evaluate_valid_mirror.json",)),
-    Table("ablation", "README.md", ablation, (ABLATION,)),
-    Table("ablation-game", "README.md", ablation_game, (ABLATION_GAME,)),
+    Table("ablation", "README.md", partial(_compare_table, ABLATION), (ABLATION,)),
+    Table("ablation-game", "README.md", partial(_compare_table, ABLATION_GAME), (ABLATION_GAME,)),
     Table("ablation-extent", "README.md", ablation_extent, ABLATION_EXTENT),
-    Table("comparison", "README.md", comparison, (f"{RESULTS}/comparison_1epoch.json",)),
+    Table("comparison", "README.md", partial(_compare_table, COMPARISON), (COMPARISON,)),
     Table("benchmark-inference", "README.md", benchmark_inference, (f"{RESULTS}/benchmark_cpu.json",)),
     Table("benchmark-training", "README.md", benchmark_training, (f"{RESULTS}/benchmark_cpu.json",)),
     Table("benchmark-volumes", "README.md", benchmark_volumes, (f"{RESULTS}/benchmark_volumes.json",)),
     Table("bundle-performance", "bundle/docs/README.md", bundle_performance, (BUNDLE_METADATA, SHIPPED_METRICS)),
-    Table("bundle-ablation", "bundle/docs/README.md", ablation, (ABLATION,)),
+    Table("bundle-ablation", "bundle/docs/README.md", partial(_compare_table, ABLATION), (ABLATION,)),
 )
 
 

@@ -71,9 +71,9 @@ def _last_validation(out: Path) -> dict[str, Any] | None:
 
 def _finished(cfg: TrainConfig) -> bool:
     """Whether the run in ``cfg.output_dir`` has trained all its epochs: the trainer validates after the last
-    epoch, so its history then ends at ``cfg.epochs``."""
+    epoch, so its history then ends at ``cfg.epochs`` (and its first validation wrote ``best_metrics.json``)."""
     last = _last_validation(Path(cfg.output_dir))
-    return last is not None and last["epoch"] >= cfg.epochs and (Path(cfg.output_dir) / "best_metrics.json").exists()
+    return last is not None and last["epoch"] >= cfg.epochs
 
 
 def _train_seconds(out: Path) -> float:

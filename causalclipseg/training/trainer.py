@@ -235,10 +235,8 @@ class _Clock:
     def state_dict(self) -> dict[str, Any]:
         return {"seconds": self.seconds()}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:  # before start(): the run resumes, then starts it
         self.before = float(state["seconds"])
-        if self.started is not None:
-            self.start()
 
 
 class _SeededCacheDataset(CacheDataset):
