@@ -5,8 +5,9 @@ predictor`) in MONAI's vocabulary: :func:`list_inputs` -> ``preprocessing`` (``L
 ``WarnUnverifiableSided``, ``DisplayOrientationd``, ``ModelTokensd``) -> ``SliceWiseInferer`` with the model as the
 network and the prompt's token ids as its second input -> ``postprocessing`` (``Invertd``, ``Activationsd``,
 ``AsDiscreted``) -> ``writer`` (``SaveMaskd``). With ``explain`` the network is :class:`ExplainNetwork` (the model's
-``explain``: logits and causal mask) and ``SplitExplanationd`` heads the postprocessing, so that the writer also writes
-the lesion probability and the causal mask; with ``dicom_seg`` it also writes a DICOM Segmentation of each DICOM
+``explain``: the logits, and the causal mask of a model with a causal module) and ``SplitExplanationd`` heads the
+postprocessing, so that the writer also writes the model's ``explanation_maps`` (the lesion probability, and the
+causal mask when there is one); with ``dicom_seg`` it also writes a DICOM Segmentation of each DICOM
 input's mask. :class:`ExportNetwork` is the TorchScript export.
 
 The prompt comes from the config, the command line (:func:`resolve_prompt` undoes what python-fire does to
@@ -106,24 +107,20 @@ def list_inputs(inputs: str | os.PathLike | Sequence[str | os.PathLike]) -> list
 class ExplainNetwork(nn.Module):
     """The network the bundle's evaluator runs with ``explain``: the model's
     :meth:`~causalclipseg.model.causalclipseg.CausalCLIPSeg.explain` as a module's ``forward`` (MONAI's evaluator
-    calls a module), so that the one inference path carries the causal mask beside the logits.
+    calls a module), so that the one inference path carries the causal mask, when the model has one, beside the
+    logits.
 
     Args:
         network: the bundle's ``network_def``; its weights stay its own (the checkpoint is loaded into it).
-
-    Raises:
-        ValueError: if the model has no causal module.
     """
 
     def __init__(self, network: nn.Module) -> None:
         super().__init__()
-        if getattr(network, "intervention", None) is None:
-            raise ValueError("explain needs a model with a causal module; this one has none (causal.enabled is "
-                             "false): set explain to false")
         self.network = network
 
     def forward(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        """image (B, 3, S, S) preprocessed, text (B or 1, L) token ids -> (B, 2, S, S): logits, causal mask."""
+        """image (B, 3, S, S) preprocessed, text (B or 1, L) token ids -> (B, C, S, S): the logits, and with a
+        causal module the causal mask (C = 2)."""
         return self.network.explain(image, text)
 
 

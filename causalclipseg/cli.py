@@ -68,8 +68,8 @@ def predict_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--threshold", type=float, default=0.5, help="probability above which a pixel is lesion")
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     parser.add_argument("--explain", action="store_true",
-                        help="also write <name>_probability.nii.gz (the lesion probability) and "
-                             "<name>_causal_mask.nii.gz (what the causal module kept, averaged over its levels), "
+                        help="also write <name>_probability.nii.gz (the lesion probability) and, for a model with "
+                             "a causal module, <name>_causal_mask.nii.gz (what it kept, averaged over its levels), "
                              "float32 in [0, 1] on the input's grid")
     parser.add_argument("--dicom-seg", action="store_true",
                         help="also write <name>_seg.dcm: the mask as a DICOM Segmentation (highdicom) referencing the "
@@ -88,8 +88,6 @@ def predict_main(argv: Sequence[str] | None = None) -> int:
         predictor = Predictor(args.model, args.checkpoint, device=args.device, threshold=args.threshold,
                               prompt_side=args.prompt_side)
         model_tokens(predictor.model, text, args.prompt_side)
-        if args.explain:
-            predictor.check_explainable()
     except USER_ERRORS as err:
         return _fail(str(err))
     files, failures = [], 0

@@ -11,6 +11,7 @@ import sys
 import torch
 
 from causalclipseg.evaluation.evaluate import evaluate_model, split_loader
+from causalclipseg.factory import DEFAULT_MODEL
 from causalclipseg.inference.predictor import load_trained_model
 
 torch.set_num_threads(1)
@@ -19,7 +20,9 @@ DATA = os.environ.get("DATA", "../shared/data/qata_cov19")
 RUNS = os.environ.get("RUNS", "work_dirs/ablation")
 results = {}
 for name, checkpoint in [("shipped", None)] + [(run, f"{RUNS}/{run}/best_model.pt") for run in sys.argv[2:]]:
-    model = load_trained_model("tiny", checkpoint, device="cpu")
+    variant = DEFAULT_MODEL if checkpoint is None else json.loads(
+        open(f"{RUNS}/{name}/train_config.json").read())["model"]
+    model = load_trained_model(variant, checkpoint, device="cpu")
     row = {}
     for mirror in (False, True):
         loader = split_loader(model, DATA, "valid", 16, N, mirror=mirror)

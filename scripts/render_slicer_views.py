@@ -3,14 +3,17 @@
 Runs in its own environment, as Slicer's Python is separate from the model's: Slicer's core and its slice views
 come from ``trame-slicer[standalone]`` (which pins ``slicer-core``), rendered through EGL without an X server. The
 model runs in the project's environment, called as the module calls it: the volume is written from the scene by
-Slicer's storage node, ``causalclipseg predict --explain`` segments it, and the mask and the causal mask are read
-back into the scene by Slicer's storage nodes, on the volume's exact grid.
+Slicer's storage node, ``causalclipseg predict --explain`` segments it, and the mask and the explanation maps it
+wrote (the probability; the causal mask too for a model with a causal module) are read back into the scene by
+Slicer's storage nodes, on the volume's exact grid.
 
 Two scenes:
 
-* a QaTa-COV19 valid X-ray (the one in ``bundle/sample_data``), put in the scene as Slicer's PNG reader does
-  patient's left is on the screen's right), with the prompt's segment; and the same view with the causal mask
-  as a colour-mapped foreground;
+* a QaTa-COV19 valid X-ray (the one in ``bundle/sample_data``), put in the scene as Slicer's PNG reader does (the
+  patient's left is on the screen's right), with the prompt's segment (``xray_segment.png``); the same view with
+  the probability over it as the module shows it, the segment's outline on top (``xray_probability.png``); and,
+  for a model with a causal module (``--model tiny --checkpoint ...``; the shipped model has none), with the
+  causal mask as the foreground (``xray_causal_mask.png``);
 * an oblique volume (the X-ray stacked into 5 slices, rotated 20 degrees about S, 0.8 x 0.8 x 2.5 mm), shown in
   the axial view that Slicer reslices it into, with its segment.
 
@@ -19,7 +22,7 @@ Usage (from the repository root)::
     python3 -m venv /tmp/render-venv && /tmp/render-venv/bin/pip install "trame-slicer[standalone]==2.0.0" pillow
     /tmp/render-venv/bin/python scripts/render_slicer_views.py --python .venv/bin/python
 
-Writes ``slicer_extension/Screenshots/*.png`` (``--output-dir``).
+Writes ``slicer_extension/Screenshots/*.png`` (``--output-dir``) and prints each map's value range.
 """
 
 from __future__ import annotations
@@ -44,6 +47,8 @@ from TextPromptSegmentationLib import explanations, segments  # noqa: E402  (the
 # patient's left.
 DEFAULT_IMAGE = ROOT / "bundle" / "sample_data" / "sub-s11251_ses-e26227_run-1_bp-chest_vp-ap_cr.png"
 DEFAULT_PROMPT = "Unilateral pulmonary infection, one infected area, lower left lung."
+# By kind (``explanations.STYLES``), the suffix of the map ``causalclipseg predict --explain`` writes.
+EXPLANATION_SUFFIXES = {"probability": "_probability.nii.gz", "causal mask": "_causal_mask.nii.gz"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -53,6 +58,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--prompt", default=DEFAULT_PROMPT, help="the prompt (the patient's sides)")
     parser.add_argument("--output-dir", type=Path, default=ROOT / "slicer_extension" / "Screenshots")
     parser.add_argument("--size", type=int, default=448, help="view size in pixels")
+    parser.add_argument("--model", default=None,
+                        help="model variant for causalclipseg predict; default: the shipped model (no causal module)")
+    parser.add_argument("--checkpoint", default=None, help="its weights; default: the ones shipped for it")
     return parser.parse_args(argv)
 
 
@@ -87,14 +95,26 @@ def save_volume(node, path: Path) -> None:
         raise RuntimeError(f"Slicer could not write {path}")
 
 
-def predict(python: str, volume: Path, prompt: str, output_dir: Path) -> tuple[Path, Path]:
-    """``causalclipseg predict --explain`` in the project's environment; the mask and the causal mask files."""
-    done = subprocess.run([python, "-m", "causalclipseg.cli", "predict", str(volume), "--prompt", prompt, "--explain",
-                           "--output-dir", str(output_dir)])
+def predict(python: str, volume: Path, prompt: str, output_dir: Path, model: str | None = None,
+            checkpoint: str | None = None) -> tuple[Path, dict[str, Path]]:
+    """``causalclipseg predict --explain`` in the project's environment; the mask file and the explanation maps it
+    wrote, by kind (the causal mask only for a model with a causal module)."""
+    command = [python, "-m", "causalclipseg.cli", "predict", str(volume), "--prompt", prompt, "--explain",
+               "--output-dir", str(output_dir)]
+    if model is not None:
+        command += ["--model", model]
+    if checkpoint is not None:
+        command += ["--checkpoint", checkpoint]
+    done = subprocess.run(command)
     if done.returncode:
         sys.exit(f"error: causalclipseg predict on {volume.name} failed (status {done.returncode}); see above")
     stem = volume.name.removesuffix(".nii.gz")
-    return output_dir / f"{stem}_mask.nii.gz", output_dir / f"{stem}_causal_mask.nii.gz"
+    mask_file = output_dir / f"{stem}_mask.nii.gz"
+    maps = {kind: output_dir / f"{stem}{suffix}" for kind, suffix in EXPLANATION_SUFFIXES.items()}
+    maps = {kind: path for kind, path in maps.items() if path.is_file()}
+    if not mask_file.is_file() or "probability" not in maps:
+        sys.exit(f"error: causalclipseg predict on {volume.name} wrote no mask or no probability in {output_dir}")
+    return mask_file, maps
 
 
 class SliceViewRenderer:
@@ -176,15 +196,23 @@ def main(argv: list[str] | None = None) -> int:
         # Slicer's PNG reader: columns are I, rows are J, IJK-to-RAS diag(-1, -1, 1).
         volume = add_volume(renderer.scene, "xray", xray[None].astype(np.int16), np.diag([-1.0, -1.0, 1.0, 1.0]))
         save_volume(volume, work / "xray.nii.gz")
-        mask_file, causal_file = predict(args.python, work / "xray.nii.gz", args.prompt, work / "out")
+        mask_file, maps = predict(args.python, work / "xray.nii.gz", args.prompt, work / "out", args.model,
+                                  args.checkpoint)
         segmentation = renderer.load_segment(mask_file, args.prompt)
         renderer.show(volume)
         renderer.write(args.output_dir / "xray_segment.png")
-        causal, (low, high) = renderer.load_map(causal_file, "causal mask")
-        print(f"causal mask values {low:.3f} .. {high:.3f}")
-        segmentation.GetDisplayNode().SetOpacity2DFill(0.0)  # the outline only, over the map
-        renderer.show(volume, causal, opacity=0.6)
-        renderer.write(args.output_dir / "xray_causal_mask.png")
+        segmentation.GetDisplayNode().SetOpacity2DFill(0.0)  # the outline only, over the maps
+        probability, (low, high) = renderer.load_map(maps["probability"], "probability")
+        print(f"probability values {low:.3f} .. {high:.3f}")
+        renderer.show(volume, probability, opacity=explanations.FOREGROUND_OPACITY)  # as the module shows it
+        renderer.write(args.output_dir / "xray_probability.png")
+        if "causal mask" in maps:
+            causal, (low, high) = renderer.load_map(maps["causal mask"], "causal mask")
+            print(f"causal mask values {low:.3f} .. {high:.3f}")
+            renderer.show(volume, causal, opacity=0.6)
+            renderer.write(args.output_dir / "xray_causal_mask.png")
+        else:
+            print("no causal mask: the model has no causal module")
         segmentation.GetDisplayNode().SetVisibility(False)
 
         # One application and view for both scenes: a second trame-slicer application in the same process
@@ -192,7 +220,8 @@ def main(argv: list[str] | None = None) -> int:
         stack = np.stack([xray] * 5).astype(np.int16)
         volume = add_volume(renderer.scene, "oblique", stack, oblique_matrix())
         save_volume(volume, work / "oblique.nii.gz")
-        mask_file, _ = predict(args.python, work / "oblique.nii.gz", args.prompt, work / "out")
+        mask_file, _ = predict(args.python, work / "oblique.nii.gz", args.prompt, work / "out", args.model,
+                               args.checkpoint)
         renderer.load_segment(mask_file, args.prompt)
         renderer.show(volume)
         renderer.write(args.output_dir / "oblique_volume_segment.png")

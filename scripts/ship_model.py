@@ -6,14 +6,13 @@ RUN_DIR is a ``causalclipseg train`` (or ``compare``) run folder: ``best_model.p
 ``train_config.json``. Its model must be the one the package, the bundle and the Slicer module load by default
 (``causalclipseg.factory.DEFAULT_MODEL``). In order:
 
-1. the package's weights (``causalclipseg/weights/causalclipseg_tiny_qata.pt``): the best model's plain state dict
+1. the package's weights (``causalclipseg/weights/causalclipseg_qata.pt``): the best model's plain state dict
    in float16, at most 20 MB, refused unless it loads into the model strictly; ``..._metrics.json`` beside it is the
    run's ``best_metrics.json`` (the validation epoch that selected it) with the run's training settings;
 2. ``bundle/models/model.pt``: a byte-identical copy;
 3. ``bundle/configs/metadata.json`` ``eval_metrics``: those validation scores (4 decimals) and the epoch;
 4. ``docs/results/evaluate_valid_{none,swap,empty,mirror}.json``: ``causalclipseg evaluate`` of the new weights on
-   the valid split (prompts as written, sides swapped, empty, mirrored with ``--causal-stats``), each with its
-   command and commit;
+   the valid split (prompts as written, sides swapped, empty, mirrored), each with its command and commit;
 5. the generated tables (``scripts/readme_tables.py``).
 
 The README's and the bundle docs' prose about the shipped model, and the bundle's version and changelog, are left to
@@ -46,7 +45,7 @@ METADATA = ROOT / "bundle" / "configs" / "metadata.json"
 RESULTS = ROOT / "docs" / "results"
 #: evaluate_valid_<name>.json: the extra ``causalclipseg evaluate`` arguments
 EVALUATIONS = {"none": [], "swap": ["--prompt-transform", "swap"], "empty": ["--prompt-transform", "empty"],
-               "mirror": ["--mirror", "--causal-stats"]}
+               "mirror": ["--mirror"]}
 #: metadata eval_metrics key -> best_metrics.json key
 EVAL_METRICS = {"val_per_image_mean_dice": "per_image/dice", "val_per_image_mean_iou": "per_image/iou",
                 "val_dataset_level_dice": "dataset_level/dice", "val_dataset_level_iou": "dataset_level/iou"}

@@ -54,14 +54,16 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
-def tiny_checkpoint_and_picture(root: Path, picture: str) -> tuple[dict[str, Path], np.random.Generator]:
-    """The random ``tiny`` model's weights (torch seed 0) as ``files["ckpt"]`` and a random 72 rows x 88 columns PNG
-    ``root/picture`` as ``files["png"]``; with the generator (seed 0) that drew it, for more inputs."""
+def tiny_checkpoint_and_picture(root: Path, picture: str, model: str = causalclipseg.DEFAULT_MODEL
+                                ) -> tuple[dict[str, Path], np.random.Generator]:
+    """The random weights of ``model`` (the shipped variant by default; torch seed 0) as ``files["ckpt"]`` and a
+    random 72 rows x 88 columns PNG ``root/picture`` as ``files["png"]``; with the generator (seed 0) that drew it,
+    for more inputs."""
     from causalclipseg.training.checkpoint import save_weights
 
     rng = np.random.default_rng(0)
     torch.manual_seed(0)
-    files = {"ckpt": save_weights(causalclipseg.create_model("tiny").state_dict(), root / "tiny.pt"),
+    files = {"ckpt": save_weights(causalclipseg.create_model(model).state_dict(), root / f"{model}.pt"),
              "png": root / picture}
     Image.fromarray((rng.random((72, 88)) * 255).astype(np.uint8)).save(files["png"])
     return files, rng

@@ -23,7 +23,7 @@ import pytest
 import torch
 from PIL import Image
 
-from causalclipseg import create_model
+from causalclipseg import DEFAULT_MODEL, create_model
 from causalclipseg.bundle import list_inputs, resolve_prompt
 from causalclipseg.inference.predictor import Predictor
 from causalclipseg.training.checkpoint import save_weights
@@ -33,7 +33,7 @@ from .conftest import write_dicom_image
 BUNDLE = Path(__file__).resolve().parents[1] / "bundle"
 SCHEMA = Path(__file__).resolve().parents[2] / "shared" / "monai" / "meta_schema_20240725.json"
 ZOO_CI = Path(__file__).resolve().parents[2] / "shared" / "monai" / "model-zoo-ci" / "run"
-PACKAGE_WEIGHTS = BUNDLE.parent / "causalclipseg" / "weights" / "causalclipseg_tiny_qata.pt"
+PACKAGE_WEIGHTS = BUNDLE.parent / "causalclipseg" / "weights" / "causalclipseg_qata.pt"
 PROMPT_A = "bilateral pulmonary infection, two infected areas, lower left lung and lower right lung."
 PROMPT_B = "unilateral pulmonary infection, one infected area, upper right lung."
 
@@ -64,7 +64,7 @@ def data(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("bundle_data")
     rng = np.random.default_rng(0)
     torch.manual_seed(0)
-    files = {"ckpt": save_weights(create_model("tiny").state_dict(), root / "random_tiny.pt", half=True)}
+    files = {"ckpt": save_weights(create_model(DEFAULT_MODEL).state_dict(), root / "random_tiny.pt", half=True)}
     files["png"] = root / "xrays" / "patient1.png"
     files["png"].parent.mkdir()
     Image.fromarray((rng.random((72, 88)) * 255).astype(np.uint8)).save(files["png"])  # 72 rows x 88 columns
@@ -140,7 +140,7 @@ def test_ckpt_export_torchscript_equals_eager(data, tmp_path):
     _ok(_bundle("ckpt_export", "export_network", "--filepath", str(ts_path), "--ckpt_file", str(data["ckpt"]),
                 "--meta_file", "configs/metadata.json", "--config_file", "configs/inference.json"))
     exported = torch.jit.load(str(ts_path))
-    model = create_model("tiny", checkpoint=data["ckpt"])
+    model = create_model(DEFAULT_MODEL, checkpoint=data["ckpt"])
     image = torch.randn(1, 3, 224, 224)
     with torch.no_grad():
         for prompt in (PROMPT_A, PROMPT_B):  # neither is the prompt the export was traced with
@@ -324,7 +324,7 @@ def test_two_prompts_give_different_masks(data, tmp_path):
     side of 0.5; so the threshold is set at the median probability of prompt A (computed here with the same
     network), and the test checks that the masks the bundle writes for A and B differ: the prompt given on the
     command line reaches the network. It does not check that either mask is right."""
-    threshold = float(np.median(Predictor("tiny", data["ckpt"], device="cpu").predict(data["png"], PROMPT_A)
+    threshold = float(np.median(Predictor(DEFAULT_MODEL, data["ckpt"], device="cpu").predict(data["png"], PROMPT_A)
                                 .probability))
     masks = []
     for i, prompt in enumerate((PROMPT_A, PROMPT_B)):
@@ -361,7 +361,7 @@ def test_bundle_and_predictor_run_one_path_to_the_same_masks(data, tmp_path):
     writes exactly the masks of the package's Predictor. With random weights the probabilities cluster, so the
     threshold is their pooled median (each mask is then neither empty nor full)."""
     kinds = ("png", "dcm", "nii", "series")
-    predictor = Predictor("tiny", data["ckpt"], device="cpu")
+    predictor = Predictor(DEFAULT_MODEL, data["ckpt"], device="cpu")
     probabilities = {k: predictor.predict(data[k], PROMPT_A).probability for k in kinds}
     threshold = float(np.median(np.concatenate([p.ravel() for p in probabilities.values()])))
     datalist = tmp_path / "inputs.json"
@@ -428,7 +428,7 @@ def test_train_then_evaluate_both_protocols(train_data, tmp_path):
     assert {"model", "optimizer"} <= set(torch.load(out_dir / "checkpoints" / "last_checkpoint_2.pt",
                                                      weights_only=True))  # the resumable state: model + optimizer ...
     assert list((out_dir / "tensorboard").glob("events.out.tfevents.*"))  # TensorBoard
-    create_model("tiny", checkpoint=out_dir / "best_model.pt")  # the package loads what the bundle saved
+    create_model(DEFAULT_MODEL, checkpoint=out_dir / "best_model.pt")  # the package loads what the bundle saved
     eval_dir = tmp_path / "eval"
     out = _ok(_bundle("run", "--config_file", "['configs/train.json','configs/evaluate.json']",
                       "--dataset_dir", str(train_data), "--output_dir", str(eval_dir),

@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from causalclipseg import cli, create_model
+from causalclipseg import DEFAULT_MODEL, cli, create_model
 from causalclipseg.factory import DEFAULT_CHECKPOINT, load_state_dict
 from causalclipseg.training.checkpoint import save_weights
 
@@ -26,7 +26,7 @@ PROMPT = "bilateral pulmonary infection, two infected areas, lower left lung and
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
     torch.manual_seed(0)
-    return save_weights(create_model("tiny").state_dict(), tmp_path_factory.mktemp("ckpt") / "tiny.pt")
+    return save_weights(create_model(DEFAULT_MODEL).state_dict(), tmp_path_factory.mktemp("ckpt") / "tiny.pt")
 
 
 def _xray(path: Path, size=(96, 64)) -> Path:
@@ -165,7 +165,8 @@ def test_train_killed_mid_epoch_resumes_exactly(tmp_path):
     history = [json.loads(line) for line in (resumed / "history.jsonl").read_text().splitlines()]
     assert history[-1]["epoch"] == 2
     # the run's clock went on from the checkpoint: it counts both processes, and matches the uninterrupted run's
-    seconds = {d: json.loads((d / "history.jsonl").read_text().splitlines()[-1])["seconds"] for d in (straight, resumed)}
+    seconds = {d: json.loads((d / "history.jsonl").read_text().splitlines()[-1])["seconds"]
+               for d in (straight, resumed)}
     assert 0 < history[0]["seconds"] < seconds[resumed] and b["clock"]["seconds"] >= history[0]["seconds"]
     assert seconds[resumed] > 0.5 * seconds[straight], seconds
 

@@ -22,7 +22,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from causalclipseg import __version__, cli
+from causalclipseg import DEFAULT_MODEL, __version__, cli
 from causalclipseg.inference.predictor import Predictor
 from causalclipseg.io.dicom_seg import SEGMENT_DESCRIPTION_MAX, SEGMENT_LABEL_MAX, dicom_segmentation
 from causalclipseg.io.reader import SOURCE_FILES_KEY
@@ -60,7 +60,7 @@ def inputs(tmp_path_factory) -> dict:
                           ImageOrientationPatient=[-1, 0, 0, 0, 1, 0], PixelSpacing=[0.7, 0.9], SliceThickness=2.5,
                           FrameOfReferenceUID=frame_of_reference, SpecificCharacterSet="ISO_IR 192",
                           PatientName="Müller^Jürgen")
-    predictor = Predictor("tiny", files["ckpt"], device="cpu")
+    predictor = Predictor(DEFAULT_MODEL, files["ckpt"], device="cpu")
     files["thresholds"] = {k: float(np.median(predictor.predict(files[k], PROMPT).probability))
                            for k in ("dx", "mirrored", "series")}
     return files
@@ -212,7 +212,7 @@ def test_bundle_writer_refuses_dicom_seg_of_other_inputs_before_writing(inputs, 
 def test_bundle_dicom_seg_knob_is_off_by_default_and_documented():
     config = json.loads((BUNDLE / "configs" / "inference.json").read_text())
     assert config["dicom_seg"] is False and config["explain"] is False
-    assert config["writer"]["dicom_seg"] == "@dicom_seg" and config["writer"]["explain"] == "@explain"
+    assert config["writer"]["dicom_seg"] == "@dicom_seg" and config["writer"]["maps"] == "@explanation_maps"
     docs = (BUNDLE / "docs" / "README.md").read_text()
     assert "--dicom_seg True" in docs and "--explain True" in docs
 
@@ -221,7 +221,8 @@ def test_bundle_dicom_seg_knob_is_off_by_default_and_documented():
 def test_bundle_dicom_seg_and_explain_write_what_predict_writes_for_dicom(inputs, tmp_path):
     """The bundle's ``dicom_seg`` and ``explain`` knobs, on a DX and a series: the files of ``predict --dicom-seg
     --explain``, with the same values (the Segmentations' frames, the float maps and the masks); the mask is the
-    probability map thresholded. (The bundle's masks on pictures and NIfTI volumes are ``predict``'s too:
+    probability map thresholded. The shipped variant has no causal module: neither writes a causal mask (the one
+    of a model with it: ``test_explain.py``). (The bundle's masks on pictures and NIfTI volumes are ``predict``'s too:
     ``test_bundle.py``; the maps go through the same writer.)"""
     kinds = ("mirrored", "series")
     threshold = float(np.mean([inputs["thresholds"][k] for k in kinds]))
@@ -239,7 +240,8 @@ def test_bundle_dicom_seg_and_explain_write_what_predict_writes_for_dicom(inputs
     assert result.returncode == 0, result.stdout[-3000:]
     for kind in kinds:
         name = inputs[kind].name.split(".")[0]
-        for suffix in ("mask", "probability", "causal_mask"):
+        assert not list(tmp_path.glob(f"*/{name}_causal_mask.nii.gz"))
+        for suffix in ("mask", "probability"):
             ours = nib.load(tmp_path / "bundle" / f"{name}_{suffix}.nii.gz")
             theirs = nib.load(tmp_path / "predict" / f"{name}_{suffix}.nii.gz")
             assert ours.get_data_dtype() == theirs.get_data_dtype(), (kind, suffix)

@@ -31,7 +31,7 @@ import pytest
 import torch
 from PIL import Image
 
-from causalclipseg import cli, create_model
+from causalclipseg import DEFAULT_MODEL, cli, create_model
 from causalclipseg.inference.predictor import Predictor
 from causalclipseg.io.formats import MAX_INPUT_VOXELS
 from causalclipseg.io.reader import LoadSegmentableImaged
@@ -48,7 +48,7 @@ PER_FILE_SECONDS = 30  # generous: the suite shares two CPU cores; a hang is wha
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
     torch.manual_seed(0)
-    return save_weights(create_model("tiny").state_dict(), tmp_path_factory.mktemp("ckpt") / "tiny.pt")
+    return save_weights(create_model(DEFAULT_MODEL).state_dict(), tmp_path_factory.mktemp("ckpt") / "tiny.pt")
 
 
 class Deadline(Exception):
@@ -393,7 +393,7 @@ def test_a_folder_with_good_and_bad_files_segments_the_good_ones(tmp_path, check
 def test_a_failing_write_leaves_no_file(tmp_path, checkpoint, monkeypatch):
     """A writer that dies half-way (disk full) leaves neither a partial mask nor a temporary file."""
     image = _picture(tmp_path / "x.png", _noise((30, 40)))
-    predictor = Predictor("tiny", checkpoint, device="cpu")
+    predictor = Predictor(DEFAULT_MODEL, checkpoint, device="cpu")
     prediction = predictor.predict(image, PROMPT)
 
     def broken_save(self, fp, format=None, **params):

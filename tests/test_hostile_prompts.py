@@ -20,7 +20,7 @@ import torch
 from open_clip.tokenizer import SimpleTokenizer
 from PIL import Image
 
-from causalclipseg import cli, create_model
+from causalclipseg import DEFAULT_MODEL, cli, create_model
 from causalclipseg.bundle import resolve_prompt
 from causalclipseg.tokenizer import PromptTokenizer, validate_prompt
 from causalclipseg.training.checkpoint import save_weights
@@ -59,7 +59,7 @@ PROMPTS = [
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
     torch.manual_seed(0)
-    return save_weights(create_model("tiny").state_dict(), tmp_path_factory.mktemp("ckpt") / "tiny.pt")
+    return save_weights(create_model(DEFAULT_MODEL).state_dict(), tmp_path_factory.mktemp("ckpt") / "tiny.pt")
 
 
 @pytest.fixture

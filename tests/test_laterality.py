@@ -23,7 +23,7 @@ from causalclipseg.data.prompts import (
     names_a_side,
     to_model_side,
 )
-from causalclipseg.factory import DEFAULT_CHECKPOINT, checkpoint_prompt_side, load_state_dict
+from causalclipseg.factory import DEFAULT_CHECKPOINT, DEFAULT_MODEL, checkpoint_prompt_side, load_state_dict
 from causalclipseg.inference.predictor import Predictor
 from causalclipseg.inference.prompts import model_tokens
 from causalclipseg.training.checkpoint import save_weights
@@ -98,7 +98,7 @@ def test_models_record_their_convention_in_the_state_dict(tmp_path):
 
 def test_the_shipped_model_learned_qatas_captions_as_written():
     assert load_state_dict(DEFAULT_CHECKPOINT)["viewer_side_prompts"].item() is True
-    assert create_model("tiny", checkpoint=DEFAULT_CHECKPOINT).prompt_side == "viewer"
+    assert create_model(DEFAULT_MODEL, checkpoint=DEFAULT_CHECKPOINT).prompt_side == "viewer"
 
 
 def test_prompts_reach_the_model_in_its_convention():

@@ -37,7 +37,7 @@ from monailabel.client import MONAILabelClient  # noqa: E402
 from monailabel.client.client import MONAILabelClientException  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from causalclipseg import create_model  # noqa: E402
+from causalclipseg import DEFAULT_MODEL, create_model  # noqa: E402
 from causalclipseg.data.prompts import swap_laterality  # noqa: E402
 from causalclipseg.inference.predictor import Predictor  # noqa: E402
 from causalclipseg.training.checkpoint import save_weights  # noqa: E402
@@ -55,8 +55,9 @@ REQUEST_TIMEOUT = 120  # seconds for any one request (the official client has no
 
 # ----------------------------------------------------------------------------------------------- the server
 def write_studies(root: Path) -> dict[str, Path]:
-    """A studies folder (PNG X-ray 72 rows x 88 columns, single-slice NIfTI, NIfTI volume) and a random tiny
-    checkpoint beside it."""
+    """A studies folder (PNG X-ray 72 rows x 88 columns, single-slice NIfTI, NIfTI volume) and beside it random
+    weights of the shipped variant (``checkpoint``) and of ``tiny``, which has the causal module
+    (``causal_checkpoint``)."""
     rng = np.random.default_rng(0)
     studies = root / "studies"
     studies.mkdir(parents=True)
@@ -66,8 +67,9 @@ def write_studies(root: Path) -> dict[str, Path]:
     nib.save(nib.Nifti1Image(rng.random((48, 40, 1)).astype(np.float32), OBLIQUE), studies / "slice1.nii.gz")
     nib.save(nib.Nifti1Image(rng.random((40, 36, 5)).astype(np.float32), OBLIQUE), studies / "vol1.nii.gz")
     torch.manual_seed(0)
-    checkpoint = save_weights(create_model("tiny").state_dict(), root / "random_tiny.pt", half=True)
-    return {"studies": studies, "checkpoint": checkpoint, "xray1": studies / "xray1.png",
+    checkpoint = save_weights(create_model(DEFAULT_MODEL).state_dict(), root / "random_shipped.pt", half=True)
+    causal = save_weights(create_model("tiny").state_dict(), root / "random_tiny.pt", half=True)
+    return {"studies": studies, "checkpoint": checkpoint, "causal_checkpoint": causal, "xray1": studies / "xray1.png",
             "slice1": studies / "slice1.nii.gz", "vol1": studies / "vol1.nii.gz"}
 
 
@@ -83,7 +85,7 @@ class MonaiLabelServer:
     Its temporary folder (``TMPDIR``) is ``root/server_tmp``, so uploads and results it leaves behind can be found.
     """
 
-    def __init__(self, root: Path, studies: Path, checkpoint: Path) -> None:
+    def __init__(self, root: Path, studies: Path, checkpoint: Path, model: str | None = None) -> None:
         self.root = root
         self.studies = studies
         self.tmpdir = root / "server_tmp"
@@ -96,7 +98,7 @@ class MonaiLabelServer:
         launcher = [str(script)] if script.exists() else [sys.executable, "-m", "monailabel.main"]
         self.command = [*launcher, "start_server", "--app", "monailabel_app", "--studies", str(studies),
                         "--host", "127.0.0.1", "--port", str(self.port), "--conf", "checkpoint", str(checkpoint),
-                        "--conf", "model_dir", str(self.model_dir)]
+                        "--conf", "model_dir", str(self.model_dir), *(("--conf", "model", model) if model else ())]
         self.env = {**os.environ, "MONAILABEL_PYEXE": sys.executable, "TMPDIR": str(self.tmpdir),
                     "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
                     "PYTHONWARNINGS": "ignore"}
@@ -172,7 +174,7 @@ def server(data, request_timeout) -> Iterator[MonaiLabelServer]:
 
 def median_threshold(checkpoint: Path, image: Path, prompt: str) -> float:
     """The median lesion probability of ``image`` under ``prompt``, computed here with the package's path."""
-    return float(np.median(Predictor("tiny", checkpoint, device="cpu").predict(image, prompt).probability))
+    return float(np.median(Predictor(DEFAULT_MODEL, checkpoint, device="cpu").predict(image, prompt).probability))
 
 
 def png_label(path: str) -> np.ndarray:
@@ -197,7 +199,7 @@ def test_png_label_lies_on_the_picture_and_the_prompt_reaches_the_network(server
     masks = {}
     for prompt in (PROMPT_A, PROMPT_B):
         label, params = client.infer(MODEL, "xray1", {"prompt": prompt, "threshold": threshold})
-        assert label.endswith(".png") and params["prompt"] == prompt and params["weights"] == "random_tiny.pt"
+        assert label.endswith(".png") and params["prompt"] == prompt and params["weights"] == data["checkpoint"].name
         masks[prompt] = png_label(label)
         assert masks[prompt].shape == png_label(str(data["xray1"])).shape == (72, 88)  # rows x columns
         assert set(np.unique(masks[prompt])) <= {0, 1}
@@ -235,18 +237,21 @@ def test_volume_as_nrrd(server, data):
     assert label.endswith(".nrrd") and values.shape == (40, 36, 5) and set(np.unique(values)) <= {0, 1}
 
 
-def test_result_map_answers_the_maps_predict_explain_writes(server, data):
-    """``result_map`` ``probability`` or ``causal_mask``: the answer's file is that map, float32 in [0, 1] on the
-    request image's grid, with the values of ``causalclipseg predict --explain`` (a volume by id, a picture uploaded).
-    The causal mask is asked for with the other prompt: it does not depend on the prompt."""
+def _answers_the_maps_predict_explain_writes(server: MonaiLabelServer, model: str, checkpoint: Path,
+                                             data: dict[str, Path]) -> None:
+    """``result_map`` each of the served model's explanation maps, which ``/info/`` lists: the answer's file is that
+    map, float32 in [0, 1] on the request image's grid, with the values of ``causalclipseg predict --explain`` (a
+    volume by id, a picture uploaded). A causal mask is asked for with the other prompt: it does not depend on the
+    prompt."""
     client = server.client(server.root / "c_explain")
-    assert client.info()["models"][MODEL]["config"]["result_map"] == ["mask", "probability", "causal_mask"]
-    predictor = Predictor("tiny", data["checkpoint"], device="cpu")
+    predictor = Predictor(model, checkpoint, device="cpu")
+    maps = predictor.model.explanation_maps
+    assert client.info()["models"][MODEL]["config"]["result_map"] == ["mask", *maps]
     for name, how in (("vol1", "id"), ("xray1", "upload")):
-        expected = predictor.predict(data[name], PROMPT_A, explain=True)
+        expected = predictor.predict(data[name], PROMPT_A, explain=True).maps
         image_id, file = (name, None) if how == "id" else ("", str(data[name]))
-        for result_map, prompt, values in (("probability", PROMPT_A, expected.probability),
-                                           ("causal_mask", PROMPT_B, expected.causal_mask)):
+        for result_map in maps:
+            prompt, values = PROMPT_B if result_map == "causal_mask" else PROMPT_A, expected[result_map]
             label, params = client.infer(MODEL, image_id, {"prompt": prompt, "result_map": result_map}, file=file)
             result = nib.load(label)
             assert label.endswith(".nii.gz") and result.get_data_dtype() == np.float32, (name, result_map)
@@ -262,6 +267,23 @@ def test_result_map_answers_the_maps_predict_explain_writes(server, data):
             np.testing.assert_allclose(params["value_range"], [answer.min(), answer.max()], atol=1e-6)
     _, params = client.infer(MODEL, "xray1", {"prompt": PROMPT_A})
     assert params["result_map"] == "mask" and params["label_values"] == {"background": 0, "lesion": 1}
+
+
+def test_result_map_answers_the_probability_predict_explain_writes(server, data):
+    """The shipped variant has no causal module: its one map is the probability (a causal mask asked for: HTTP 400,
+    ``test_bad_requests_answer_4xx_with_one_line``)."""
+    _answers_the_maps_predict_explain_writes(server, DEFAULT_MODEL, data["checkpoint"], data)
+
+
+def test_result_map_of_a_causal_model_answers_its_causal_mask_too(data, request_timeout, tmp_path_factory):
+    """A server of ``tiny`` (``--conf model tiny``, with the causal module): the probability and the causal mask."""
+    srv = MonaiLabelServer(tmp_path_factory.mktemp("causal_server"), data["studies"], data["causal_checkpoint"],
+                           model="tiny")
+    srv.start()
+    try:
+        _answers_the_maps_predict_explain_writes(srv, "tiny", data["causal_checkpoint"], data)
+    finally:
+        srv.stop()
 
 
 def _label_on_grid(label: str, source: Path) -> np.ndarray:
@@ -318,6 +340,9 @@ def test_results_survive_a_client_sharing_the_server_temp_folder(server, data, m
     ({"prompt": PROMPT_A, "result_extension": ".jpg"}, "xray1", 400, "result_extension must be one of"),
     ({"prompt": PROMPT_A, "result_map": "heatmap"}, "xray1", 400,
      "result_map must be one of mask, probability, causal_mask, got 'heatmap'"),
+    ({"prompt": PROMPT_A, "result_map": "causal_mask"}, "xray1", 400,
+     f"result_map causal_mask needs a model with a causal module; the served '{DEFAULT_MODEL}' has none: ask for "
+     f"mask, probability"),
     ({"prompt": PROMPT_A, "result_map": "probability", "result_extension": ".png"}, "xray1", 400,
      "result_map probability is a float32 map, which a PNG cannot hold"),
     ({"prompt": PROMPT_A}, "upload:broken.png", 400, "cannot read the uploaded .png image"),
@@ -367,7 +392,7 @@ def test_default_conf_serves_the_bundle_weights_in_process(qata_root, tmp_path):
     app = app_instance(app_dir=str(APP), studies=str(tmp_path / "studies"), conf={"model_dir": str(tmp_path / "m")})
     served = Path(app.infer_task.get_path())
     assert served == (REPO / "bundle" / "models" / "model.pt").resolve()
-    assert served.read_bytes() == (REPO / "causalclipseg" / "weights" / "causalclipseg_tiny_qata.pt").read_bytes()
+    assert served.read_bytes() == (REPO / "causalclipseg" / "weights" / "causalclipseg_qata.pt").read_bytes()
     assert app.info()["models"][MODEL]["config"]["prompt_side"] == ["patient", "viewer"]
     dice = []
     for i, image in enumerate(images):

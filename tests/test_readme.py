@@ -73,7 +73,7 @@ def test_result_tables_match_their_json_files():
 def _copy_of_the_documents(tmp_path: Path) -> Path:
     """The Markdown files with tables and every source file, copied under ``tmp_path`` as a repository root."""
     paths = ["README.md", "bundle/docs/README.md", "bundle/configs/metadata.json",
-             "causalclipseg/weights/causalclipseg_tiny_qata_metrics.json",
+             "causalclipseg/weights/causalclipseg_qata_metrics.json",
              *(str(p.relative_to(ROOT)) for p in (ROOT / "docs" / "results").glob("*.json"))]
     for rel in paths:
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -112,7 +112,7 @@ def test_check_reports_a_table_whose_markers_are_gone(tmp_path):
 def test_bundle_metadata_metrics_are_the_training_runs():
     """metadata.json's eval_metrics are the shipped model's logged validation scores, to 4 decimals."""
     declared = json.loads((ROOT / "bundle" / "configs" / "metadata.json").read_text())["eval_metrics"]
-    logged = json.loads((ROOT / "causalclipseg" / "weights" / "causalclipseg_tiny_qata_metrics.json").read_text())
+    logged = json.loads((ROOT / "causalclipseg" / "weights" / "causalclipseg_qata_metrics.json").read_text())
     pairs = {"val_per_image_mean_dice": "per_image/dice", "val_per_image_mean_iou": "per_image/iou",
              "val_dataset_level_dice": "dataset_level/dice", "val_dataset_level_iou": "dataset_level/iou"}
     for key, source in pairs.items():

@@ -403,8 +403,10 @@ def test_explanation_maps_are_read_unthresholded_on_the_input_grid(tmp_path: Pat
     volume_io.write_volume(job.explanation_files["causal mask"], written["causal mask"], moved)
     with pytest.raises(volume_io.GridMismatchError, match="input_causal_mask.nii.gz is not on the input's grid"):
         explanations.read_explanations(job.explanation_files, shape, matrix)
-    job.explanation_files["causal mask"].unlink()
-    with pytest.raises(FileNotFoundError, match="the causal mask map was asked for but not written"):
+    job.explanation_files["causal mask"].unlink()  # a model without a causal module writes the probability alone
+    assert list(explanations.read_explanations(job.explanation_files, shape, matrix)) == ["probability"]
+    job.explanation_files["probability"].unlink()  # every model writes it
+    with pytest.raises(FileNotFoundError, match="the probability map was asked for but not written"):
         explanations.read_explanations(job.explanation_files, shape, matrix)
     # Colour tables that Slicer builds in (slicer-core has them too, unlike the file-based Inferno/Viridis).
     assert {kind: style.color_node_id for kind, style in explanations.STYLES.items()} == {
@@ -608,6 +610,7 @@ class _FakeMonaiLabel(BaseHTTPRequestHandler):
     """/info/ and /infer/<model>; a model name picks a failure."""
 
     label: bytes = b""
+    models: dict = {"causalclipseg": {}}  # what /info/ lists
     received: dict = {}
     sent_params: list = []  # the params of each /infer request, in order
 
@@ -625,7 +628,7 @@ class _FakeMonaiLabel(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's naming
         if self.path == "/info/":
-            self._send(200, json.dumps({"name": "fake", "models": {"causalclipseg": {}}}).encode(), "application/json")
+            self._send(200, json.dumps({"name": "fake", "models": self.models}).encode(), "application/json")
         else:
             self._send(200, b"<html>not MONAI Label</html>", "text/html")
 
@@ -698,6 +701,26 @@ def test_monailabel_explanations_are_one_request_each(tmp_path: Path, fake_serve
     _FakeMonaiLabel.sent_params = []
     assert list(monailabel_client.infer_maps(fake_server, "causalclipseg", image, params, tmp_path / "one")) == ["mask"]
     assert len(_FakeMonaiLabel.sent_params) == 1
+
+
+def test_monailabel_explanations_are_those_the_served_model_gives(tmp_path: Path, fake_server: str,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A server whose model lists its ``result_map`` choices in ``/info/`` (the app's model without a causal module:
+    mask and probability) is asked only for those maps."""
+    image = volume_io.write_volume(tmp_path / "image.nii.gz", np.ones((1, 4, 4), np.int16), np.eye(4))
+    _FakeMonaiLabel.label = volume_io.write_volume(tmp_path / "srv.nii.gz", np.full((1, 4, 4), 0.25, np.float32),
+                                                   np.eye(4)).read_bytes()
+    _FakeMonaiLabel.sent_params = []
+    monkeypatch.setattr(_FakeMonaiLabel, "models",
+                        {"causalclipseg": {"config": {"result_map": ["mask", "probability"]}}})
+    info = monailabel_client.info(fake_server)
+    assert monailabel_client.served_maps(info, "causalclipseg") == ["mask", "probability"]
+    assert monailabel_client.served_maps(info, "other") is None
+    params = SegmentationRequest(PROMPT, device="cpu").server_params()
+    files = monailabel_client.infer_maps(fake_server, "causalclipseg", image, params, tmp_path / "out",
+                                         explanations.RESULT_MAPS, timeout=10)
+    assert list(files) == ["mask", "probability"]
+    assert [sent.get("result_map") for sent in _FakeMonaiLabel.sent_params] == [None, "probability"]
 
 
 @pytest.mark.parametrize("side", PROMPT_SIDES)

@@ -26,7 +26,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Hashable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -89,13 +89,15 @@ def inference_preprocessing(prompt: str | None = None) -> Compose:
 
 
 class SplitExplanationd(MapTransform):
-    """Post-transform: the two channels of :meth:`~causalclipseg.model.causalclipseg.CausalCLIPSeg.explain` (logits,
-    causal mask) under keys of their own, so that the steps after it treat the logits as any prediction.
+    """Post-transform: the channels of :meth:`~causalclipseg.model.causalclipseg.CausalCLIPSeg.explain` (logits,
+    and with a causal module the causal mask) under keys of their own, so that the steps after it treat the logits
+    as any prediction.
 
-    ``pred`` ``(2, ...)`` becomes the logits ``(1, ...)`` and ``causal_key`` the causal mask ``(1, ...)``; with
-    ``probability_key`` the logits are also copied there, where the sigmoid turns them into the lesion probability
-    that the threshold on ``pred`` would otherwise replace by the mask (the bundle's ``explain``, MONAI Label's
-    ``result_map``). A prediction of one channel (the model's ``forward``) passes unchanged.
+    ``pred`` ``(2, ...)`` becomes the logits ``(1, ...)`` and ``causal_key`` the causal mask ``(1, ...)``; a
+    prediction of one channel (the model's ``forward``, or the ``explain`` of a model without a causal module) stays
+    the logits. With ``probability_key`` the logits are also copied there, where the sigmoid turns them into the
+    lesion probability that the threshold on ``pred`` would otherwise replace by the mask (the bundle's ``explain``,
+    MONAI Label's ``result_map``).
 
     Args:
         keys: the network output.
@@ -112,9 +114,8 @@ class SplitExplanationd(MapTransform):
         d = dict(data)
         for key in self.key_iterator(d):
             output = d[key]
-            if output.shape[0] != 2:
-                continue
-            d[key], d[self.causal_key] = output[:1], output[1:]  # (1, X, Y[, Z]) each, metadata kept
+            if output.shape[0] == 2:
+                d[key], d[self.causal_key] = output[:1], output[1:]  # (1, X, Y[, Z]) each, metadata kept
             if self.probability_key is not None:
                 d[self.probability_key] = output[:1].clone()
         return d
@@ -144,7 +145,7 @@ class Prediction:
     mask: np.ndarray  # same shape, uint8 in {0, 1}
     image: np.ndarray | None  # 2-D inputs: float32 input scaled to [0, 1], for the overlay; None for volumes
     meta: dict  # MONAI metadata of the input (affine, spatial_shape, ...)
-    causal_mask: np.ndarray | None = None  # with explain: float32 in [0, 1], what the causal module kept
+    maps: dict[str, np.ndarray] = field(default_factory=dict)  # with explain: the model's explanation maps, by name
     prompt: str | None = None  # what was segmented, as the user wrote it (a DICOM Segmentation's segment label)
 
 
@@ -196,11 +197,6 @@ class Predictor:
             raise ValueError(f"threshold must be in (0, 1), got {threshold}")
         self.threshold, self.prompt_side = threshold, prompt_side
 
-    def check_explainable(self) -> None:
-        """Raise ``ValueError`` unless the model has a causal module, whose masks ``explain`` returns."""
-        if getattr(self.model, "intervention", None) is None:
-            raise ValueError(f"model {self.model_name!r} has no causal module: --explain needs one")
-
     @torch.no_grad()
     def predict(self, path: str | os.PathLike, prompt: str, explain: bool = False) -> Prediction:
         """Segment one file or DICOM series folder: a 2-D image, or a 3-D volume slice by slice (in display
@@ -209,15 +205,13 @@ class Predictor:
         Args:
             path: the input.
             prompt: what to segment.
-            explain: also return the causal mask (:meth:`~causalclipseg.model.causalclipseg.CausalCLIPSeg.explain`)
-                on the input's grid.
+            explain: also return the model's explanation maps on the input's grid
+                (:attr:`~causalclipseg.model.causalclipseg.CausalCLIPSeg.explanation_maps`: the probability, and
+                with a causal module the causal mask).
 
         Raises:
-            ValueError: if the prompt is empty, the file cannot be read or segmented, or ``explain`` is asked of a
-                model without a causal module.
+            ValueError: if the prompt is empty, or the file cannot be read or segmented.
         """
-        if explain:
-            self.check_explainable()
         path = Path(path)
         tokens = model_tokens(self.model, prompt, self.prompt_side).to(self.device)  # before any file work
         data = _apply(self.preprocessing, {"image": str(path), "prompt": prompt})  # (1, X, Y[, Z]), displayed
@@ -233,9 +227,11 @@ class Predictor:
             gray = self.preprocessing.inverse({"image": data["image"]})["image"][0]
             gray = gray.as_subclass(torch.Tensor).numpy().astype(np.float32)
             gray = (gray - gray.min()) / max(float(gray.max() - gray.min()), 1e-8)
-        causal = data["causal_mask"][0].as_subclass(torch.Tensor).numpy() if explain else None
+        maps = {}
+        for name in self.model.explanation_maps if explain else ():
+            maps[name] = probability if name == "probability" else data[name][0].as_subclass(torch.Tensor).numpy()
         return Prediction(path, probability, (probability > self.threshold).astype(np.uint8), gray,
-                          dict(data["pred"].meta), causal, prompt)
+                          dict(data["pred"].meta), maps, prompt)
 
     def write(self, prediction: Prediction, output_dir: str | os.PathLike, overwrite: bool = False,
               dicom_seg: bool = False) -> list[Path]:
@@ -243,8 +239,9 @@ class Predictor:
 
         Pictures get a PNG mask (0/255); DICOM, NIfTI and NRRD inputs a NIfTI mask (0/1) on the input's
         geometry (NIfTI inputs keep their own header and affine): :func:`~causalclipseg.io.writers.write_mask`. A
-        prediction made with ``explain`` also gets ``<name>_probability.nii.gz`` and ``<name>_causal_mask.nii.gz``
-        (float32 in [0, 1], on the input's grid, :func:`~causalclipseg.io.writers.write_nifti`). With ``dicom_seg``, a
+        prediction made with ``explain`` also gets its maps: ``<name>_probability.nii.gz``, and from a model with a
+        causal module ``<name>_causal_mask.nii.gz`` (float32 in [0, 1], on the input's grid,
+        :func:`~causalclipseg.io.writers.write_nifti`). With ``dicom_seg``, a
         DICOM input also gets ``<name>_seg.dcm``: the mask as a DICOM Segmentation over its source instances, labelled
         with the prompt (:func:`~causalclipseg.io.dicom_seg.dicom_segmentation`).
 
@@ -261,7 +258,7 @@ class Predictor:
         targets = mask_files(src, out)
         if prediction.mask.ndim == 2:
             targets += mask_files(src, out, [".png"], postfix="overlay")
-        extras = extra_files(src, out, explain=prediction.causal_mask is not None, dicom_seg=dicom_seg)
+        extras = extra_files(src, out, tuple(prediction.maps), dicom_seg)
         targets += list(extras.values())
         for target in targets:
             if target.exists() and not overwrite:
@@ -276,9 +273,8 @@ class Predictor:
             if prediction.mask.ndim == 2:
                 blended = overlay(prediction.image.T, prediction.mask.T)
                 atomic_write(targets[1], lambda tmp: blended.save(tmp, format="PNG"))
-            if prediction.causal_mask is not None:
-                for name, values in (("probability", prediction.probability), ("causal_mask", prediction.causal_mask)):
-                    write_nifti(values.astype(np.float32), meta, extras[name])
+            for name, values in prediction.maps.items():
+                write_nifti(values.astype(np.float32), meta, extras[name])
             if seg is not None:
                 write_dicom(seg, extras["seg"])
         except (PermissionError, FileExistsError):

@@ -28,11 +28,12 @@ from pydicom.dataset import Dataset
 from .dicom_seg import check_dicom_seg_input, dicom_segmentation
 from .inputs import PICTURE_SUFFIXES, file_suffix
 
-__all__ = ["EXPLANATION_MAPS", "GridNibabelWriter", "SaveMaskd", "atomic_write", "extra_files", "mask_files",
-           "mask_like_nifti", "overlay", "write_dicom", "write_mask", "write_nifti"]
+__all__ = ["EXPLANATION_MAPS", "GridNibabelWriter", "SaveMaskd", "atomic_write", "check_explanation_maps",
+           "extra_files", "mask_files", "mask_like_nifti", "overlay", "write_dicom", "write_mask", "write_nifti"]
 
 #: the explanation maps of ``predict --explain`` and the bundle's ``explain``, float32 in [0, 1] on the input's grid,
-#: each written as ``<name>_<map>.nii.gz``: the lesion probability, and what the causal module kept
+#: each written as ``<name>_<map>.nii.gz``: the lesion probability, and what the causal module kept (only a model
+#: with a causal module has it: a model's ``explanation_maps`` say which it gives)
 EXPLANATION_MAPS = ("probability", "causal_mask")
 
 logger = logging.getLogger(__name__)
@@ -94,13 +95,29 @@ def mask_files(source: str | os.PathLike, output_dir: str | os.PathLike, suffixe
     return [Path(output_dir) / f"{stem}_{postfix}{ext}" for ext in suffixes]
 
 
-def extra_files(source: str | os.PathLike, output_dir: str | os.PathLike, explain: bool = False,
+def check_explanation_maps(maps: Sequence[str]) -> tuple[str, ...]:
+    """``maps`` as a tuple, checked.
+
+    Raises:
+        ValueError: for a name not in :data:`EXPLANATION_MAPS`.
+    """
+    unknown = [str(name) for name in maps if name not in EXPLANATION_MAPS]
+    if unknown:
+        raise ValueError(f"explanation maps must be among {', '.join(EXPLANATION_MAPS)}, got {', '.join(unknown)}")
+    return tuple(maps)
+
+
+def extra_files(source: str | os.PathLike, output_dir: str | os.PathLike, maps: Sequence[str] = (),
                 dicom_seg: bool = False) -> dict[str, Path]:
-    """What is written beside the mask of ``source``: with ``explain`` each of :data:`EXPLANATION_MAPS`
-    (``<name>_probability.nii.gz``, ``<name>_causal_mask.nii.gz``), with ``dicom_seg`` ``seg``
-    (``<name>_seg.dcm``, a DICOM Segmentation of the mask), keyed by those names."""
-    files = {name: mask_files(source, output_dir, [".nii.gz"], postfix=name)[0] for name in EXPLANATION_MAPS
-             if explain}
+    """What is written beside the mask of ``source``: each explanation map of ``maps`` (names of
+    :data:`EXPLANATION_MAPS`: ``<name>_probability.nii.gz``, ``<name>_causal_mask.nii.gz``), with ``dicom_seg``
+    ``seg`` (``<name>_seg.dcm``, a DICOM Segmentation of the mask), keyed by those names.
+
+    Raises:
+        ValueError: as :func:`check_explanation_maps`.
+    """
+    files = {name: mask_files(source, output_dir, [".nii.gz"], postfix=name)[0]
+             for name in check_explanation_maps(maps)}
     if dicom_seg:
         files["seg"] = mask_files(source, output_dir, [".dcm"], postfix="seg")[0]
     return files
@@ -159,8 +176,8 @@ class SaveMaskd(MapTransform):
     The mask carries the input's metadata (file name, MONAI's ``affine``) and nothing was resampled, so a NIfTI mask
     has the input's shape and geometry and a PNG the input picture's rows and columns. Each file is written to a
     temporary name and renamed into place, so a failure never leaves a half-written mask. Beside it
-    (:func:`extra_files`): with ``explain`` the explanation maps the data hold under :data:`EXPLANATION_MAPS`
-    (float32 NIfTI, :func:`write_nifti`), as ``predict --explain`` writes them; with ``dicom_seg`` a DICOM
+    (:func:`extra_files`): the explanation maps of ``maps``, which the data hold under their names (float32 NIfTI,
+    :func:`write_nifti`), as ``predict --explain`` writes them; with ``dicom_seg`` a DICOM
     Segmentation of the mask over a DICOM input's source instances, labelled with the prompt
     (:func:`~causalclipseg.io.dicom_seg.dicom_segmentation`), as ``predict --dicom-seg`` writes it.
 
@@ -171,7 +188,8 @@ class SaveMaskd(MapTransform):
             volumes.
         png_scale: the PNG's lesion value (255 to view it, 1 for a label map).
         overwrite: replace existing files; otherwise an existing file is refused before anything is written.
-        explain: also write the explanation maps, ``(1, X, Y[, Z])`` under the keys :data:`EXPLANATION_MAPS`.
+        maps: the explanation maps to write too (names of :data:`EXPLANATION_MAPS`; a model's
+            ``explanation_maps``), each ``(1, X, Y[, Z])`` under its name in the data.
         dicom_seg: also write ``<input name>_seg.dcm``; DICOM inputs only.
         prompt: the segment's label when the data hold no ``prompt_key``.
         prompt_key: where the data may hold the prompt.
@@ -180,18 +198,18 @@ class SaveMaskd(MapTransform):
     Raises:
         FileExistsError: if an output file exists and ``overwrite`` is false.
         ValueError: as :func:`write_mask`; with ``dicom_seg``, for an input that is not DICOM (naming it, before
-            anything is written for it); with ``explain``, when the data lack a map.
+            anything is written for it); for an unknown map, or when the data lack one of ``maps``.
     """
 
     def __init__(self, keys: str | Sequence[str] = "pred", output_dir: str | os.PathLike = "eval",
                  suffixes: Sequence[str] | None = None, png_scale: int = 255, overwrite: bool = True,
-                 explain: bool = False, dicom_seg: bool = False, prompt: str | None = None,
+                 maps: Sequence[str] = (), dicom_seg: bool = False, prompt: str | None = None,
                  prompt_key: str = "prompt", dicom_seg_parameters: Mapping[str, object] | None = None,
                  allow_missing_keys: bool = False) -> None:
         super().__init__(keys, allow_missing_keys)
         self.output_dir, self.suffixes = Path(output_dir), None if suffixes is None else list(suffixes)
         self.png_scale, self.overwrite = png_scale, overwrite
-        self.explain, self.dicom_seg = bool(explain), bool(dicom_seg)
+        self.maps, self.dicom_seg = check_explanation_maps(maps), bool(dicom_seg)
         self.prompt, self.prompt_key = prompt, prompt_key
         self.dicom_seg_parameters = dict(dicom_seg_parameters or {})
 
@@ -199,7 +217,7 @@ class SaveMaskd(MapTransform):
         """The files :meth:`__call__` writes for ``mask`` (a PNG only for 2-D masks), the extra files last."""
         source = mask.meta[ImageMetaKey.FILENAME_OR_OBJ]
         files = [f for f in mask_files(source, self.output_dir, self.suffixes) if f.suffix != ".png" or mask.ndim == 3]
-        return files + list(extra_files(source, self.output_dir, self.explain, self.dicom_seg).values())
+        return files + list(extra_files(source, self.output_dir, self.maps, self.dicom_seg).values())
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
@@ -210,13 +228,14 @@ class SaveMaskd(MapTransform):
             for target in targets:
                 if target.exists() and not self.overwrite:
                     raise FileExistsError(f"output {target} exists; pass --overwrite to replace it")
-            extras = extra_files(source, self.output_dir, self.explain, self.dicom_seg)
+            extras = extra_files(source, self.output_dir, self.maps, self.dicom_seg)
             array = mask[0].detach().cpu().numpy()
             maps = {}
-            for name in EXPLANATION_MAPS if self.explain else ():
+            for name in self.maps:
                 if name not in d:
                     raise ValueError(f"explain: the data of {source} hold no {name!r} map: the network must be the "
-                                     f"model's explain (the bundle's explain knob sets it)")
+                                     f"model's explain and its maps the model's explanation_maps (the bundle's "
+                                     f"explain knob sets both)")
                 maps[extras[name]] = d[name][0].detach().cpu().numpy().astype(np.float32)
             seg = None
             if self.dicom_seg:  # built before anything is written: an input it refuses leaves no file

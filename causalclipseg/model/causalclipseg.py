@@ -176,23 +176,30 @@ class CausalCLIPSeg(PromptSideRecord, nn.Module):
             levels = self.intervention(levels).causal
         return self._predict(levels, txt, self.projector, image.shape[-2:])
 
+    @property
+    def explanation_maps(self) -> tuple[str, ...]:
+        """The maps :meth:`explain` gives, by name (:data:`causalclipseg.io.writers.EXPLANATION_MAPS`): the lesion
+        probability (the sigmoid of its logits), and with the causal module the causal mask."""
+        return ("probability", "causal_mask") if self.intervention is not None else ("probability",)
+
     def explain(self, image: torch.Tensor, text: torch.Tensor | Sequence[int] | None = None) -> torch.Tensor:
-        """The prediction and what the causal module kept for it, as two channels on the image's grid.
+        """The prediction and what the causal module kept for it, as channels on the image's grid.
 
         Args:
             image, text: as in :meth:`forward`.
 
         Returns:
-            (B, 2, H, W): channel 0 the logits of :meth:`forward`; channel 1 the causal mask, in [0, 1]: each level's
-            mask generator output averaged over its channels, resized to the image (bilinear) and averaged over the
-            levels (1: the level's features were kept as causal, 0: handed to the confounder).
+            (B, C, H, W): channel 0 the logits of :meth:`forward` (the probability map is their sigmoid); with the
+            causal module (C = 2) channel 1 the causal mask, in [0, 1]: each level's mask generator output averaged
+            over its channels, resized to the image (bilinear) and averaged over the levels (1: the level's features
+            were kept as causal, 0: handed to the confounder). Without it (C = 1) only the logits:
+            :attr:`explanation_maps` names what the channels give.
 
         Raises:
-            ValueError: if the model has no causal module, or as :meth:`forward`.
+            ValueError: as :meth:`forward`.
         """
         if self.intervention is None:
-            raise ValueError("this model has no causal module (causal.enabled is false): there is no causal mask "
-                             "to explain its prediction with")
+            return self(image, text)
         levels, txt = self._encode(image, text)
         split = self.intervention(levels)
         size = image.shape[-2:]

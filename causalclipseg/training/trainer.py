@@ -59,7 +59,7 @@ from ..data.datasets import dataset_prompt_side, read_dataset
 from ..data.pipelines import get_train_transforms, get_val_transforms
 from ..data.prompts import check_prompt_side
 from ..evaluation.evaluate import evaluate_model
-from ..factory import create_model, resolve_device
+from ..factory import DEFAULT_MODEL, create_model, resolve_device
 from ..io.writers import atomic_write
 from ..model.causalclipseg import GAMES, CausalCLIPSegOutput
 from .checkpoint import save_weights
@@ -80,7 +80,7 @@ class TrainConfig:
 
     data: str  # dataset root (SGSeg or LViT layout) or a MONAI datalist JSON
     output_dir: str  # checkpoints, best model, TensorBoard logs, history
-    model: str = "tiny"  # variant from list_models()
+    model: str = DEFAULT_MODEL  # variant from list_models()
     pretrained: str | None = None  # CLIP weights: open_clip tag or file; None trains from scratch
     init_checkpoint: str | None = None  # CausalCLIPSeg weights to start from (fine-tuning), applied after pretrained
     epochs: int = 30

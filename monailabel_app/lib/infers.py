@@ -23,8 +23,9 @@ inference path (:mod:`causalclipseg.inference.predictor`); this task runs it wit
   folder>/<the server's file name>`` and the ``/infer`` endpoint deletes the server's file after answering, so with
   a local client (both in the system temp folder) that clean-up would delete the user's copy;
 - explanations on request: MONAI Label answers one file per request, so the request's ``result_map`` chooses it:
-  ``mask`` (the default), ``probability`` or ``causal_mask``. For the two maps the network is the model's
-  ``explain`` (the bundle's ``explain`` knob does the same), whose causal mask the bundle's postprocessing
+  ``mask`` (the default), or one of the served model's ``explanation_maps``: ``probability``, and ``causal_mask``
+  for a model with a causal module (``/info`` lists the served model's choices). For a map the network is the
+  model's ``explain`` (the bundle's ``explain`` knob does the same), whose causal mask the bundle's postprocessing
   (``SplitExplanationd``) brings back to the input's grid beside the lesion probability, and the file is that map,
   float32 in [0, 1] on the request image's grid (:func:`~causalclipseg.io.writers.write_nifti`): the values
   ``causalclipseg predict --explain`` writes.
@@ -54,7 +55,7 @@ from monailabel.utils.others.generic import device_map, name_to_device, strtoboo
 
 from causalclipseg.data.prompts import check_prompt_side
 from causalclipseg.factory import load_state_dict
-from causalclipseg.inference.predictor import inference_ready
+from causalclipseg.inference.predictor import SplitExplanationd, inference_ready
 from causalclipseg.inference.prompts import ModelTokensd, model_tokens
 from causalclipseg.io.inputs import PICTURE_SUFFIXES, file_suffix, list_inputs
 from causalclipseg.io.writers import EXPLANATION_MAPS, SaveMaskd, write_mask, write_nifti
@@ -68,7 +69,8 @@ __all__ = ["PromptTokensd", "TextPromptSegmentation", "RESULT_EXTENSIONS", "RESU
 
 #: label file formats a request may ask for with ``result_extension``
 RESULT_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".png")
-#: what a request may ask for with ``result_map``: the mask (the default), or one of the explanation maps
+#: what a request may ask for with ``result_map``: the mask (the default), or one of the explanation maps (the
+#: served model's ``explanation_maps``)
 RESULT_MAPS = ("mask", *EXPLANATION_MAPS)
 
 
@@ -173,9 +175,9 @@ class TextPromptSegmentation(BundleInferTask):
     """The bundle served with a prompt per request; the label comes back on the request image's grid.
 
     Config (``/info``, settable per request): ``prompt`` (default: the bundle's, or ``--conf prompt``),
-    ``threshold`` (default: the bundle's), ``device`` (``auto``, ``cpu``, ``cuda``), ``result_map`` (``mask``,
-    ``probability``, ``causal_mask``: which volume the answer's file holds), and MONAI Label's ``result_extension``
-    (``.png`` for a picture's mask, ``.nii.gz`` otherwise; also ``.nii`` and ``.nrrd``).
+    ``threshold`` (default: the bundle's), ``device`` (``auto``, ``cpu``, ``cuda``), ``result_map`` (``mask``, or one of
+    the served model's ``explanation_maps``: which volume the answer's file holds), and MONAI Label's
+    ``result_extension`` (``.png`` for a picture's mask, ``.nii.gz`` otherwise; also ``.nii`` and ``.nrrd``).
 
     Args:
         bundle_dir: the MONAI bundle (``configs/``, ``models/model.pt``).
@@ -207,7 +209,8 @@ class TextPromptSegmentation(BundleInferTask):
         default_prompt = prompt if prompt is not None else self.bundle_config.get_parsed_content("prompt_text")
         PromptTokensd(self.network.tokenize)({"prompt": default_prompt, "threshold": 0.5})  # fail at start
         self._config.update({"prompt": default_prompt, "prompt_side": ["patient", "viewer"],
-                             "threshold": float(self.bundle_config["threshold"]), "result_map": list(RESULT_MAPS)})
+                             "threshold": float(self.bundle_config["threshold"]),
+                             "result_map": ["mask", *self.network.explanation_maps]})
 
         parsed = self.bundle_config.get_parsed_content
         pre = parsed(self.const.key_preprocessing()[0])
@@ -268,26 +271,38 @@ class TextPromptSegmentation(BundleInferTask):
     def _get_network(self, device, data):
         """The network for ``device`` with the request's tokens bound (shared by concurrent requests): the prompt
         translated to the laterality convention of the weights served (a fine-tuned file records its own); for an
-        explanation map (``result_map``), the model's ``explain`` (logits and causal mask).
+        explanation map (``result_map``), the model's ``explain`` (the logits, and a causal module's mask).
 
         Raises:
-            BadRequestError: for an explanation map from a model without a causal module.
+            BadRequestError: for an explanation map the served model does not give (a causal mask from a model
+                without a causal module).
         """
         network, path = self._network(device)
         data["weights"] = os.path.basename(path)
         tokens = model_tokens(network, data["prompt"], data["prompt_side"])
         forward = network
-        if data.get("result_map", "mask") != "mask":
-            if getattr(network, "intervention", None) is None:
-                raise BadRequestError(f"result_map {data['result_map']} needs a model with a causal module; the "
-                                      f"served {self.bundle_config['model_name']!r} has none: ask for the mask")
+        result_map = data.get("result_map", "mask")
+        if result_map != "mask":
+            if result_map not in network.explanation_maps:
+                raise BadRequestError(f"result_map {result_map} needs a model with a causal module; the served "
+                                      f"{self.bundle_config['model_name']!r} has none: ask for "
+                                      f"{', '.join(['mask', *network.explanation_maps])}")
             forward = network.explain
         return functools.partial(forward, text=tokens.to(torch.device(device)))
 
     def post_transforms(self, data=None) -> Sequence[Callable]:
-        threshold = data["threshold"]
-        return [AsDiscreted(keys=t.keys, threshold=threshold) if isinstance(t, AsDiscreted) else t
-                for t in self._post]
+        """The bundle's postprocessing with the request's threshold, and for a map the probability kept apart (the
+        bundle's ``explain`` does the same)."""
+        threshold, explain = data["threshold"], data.get("result_map", "mask") != "mask"
+
+        def per_request(t: Callable) -> Callable:
+            if isinstance(t, AsDiscreted):
+                return AsDiscreted(keys=t.keys, threshold=threshold)
+            if isinstance(t, SplitExplanationd) and explain:
+                return SplitExplanationd(t.keys, t.causal_key, "probability", t.allow_missing_keys)
+            return t
+
+        return [per_request(t) for t in self._post]
 
     # ------------------------------------------------------------------------------------------- the label
     def writer(self, data: dict, extension: str | None = None, dtype: Any = None) -> tuple[str, dict]:

@@ -327,7 +327,7 @@ class TextPromptSegmentationLogic(ScriptedLoadableModuleLogic):
         workerIdleTimeout: seconds the local backend's model process stays loaded after a run (one per session, see
             ``TextPromptSegmentationLib.worker``); 0 runs ``causalclipseg predict`` in a new process each time.
         explanationVolumes: the scalar volumes :meth:`finish` made for a request with ``explain`` (probability
-            first, then the causal mask); empty otherwise.
+            first, then the causal mask of a model with a causal module); empty otherwise.
     """
 
     def __init__(self) -> None:
@@ -432,7 +432,8 @@ class TextPromptSegmentationLogic(ScriptedLoadableModuleLogic):
         else:
             maps = {kind: explanations.RESULT_MAPS[kind] for kind in explanations.STYLES} if request.explain else {}
             self.log(f"Sending the image to {monailabel_client.normalise_url(serverUrl)} (model {serverModel!r})"
-                     + (f", then asking for {', '.join(maps)} (one request each)" if maps else ""))
+                     + (", then asking for each explanation map the served model gives (one request each)"
+                        if maps else ""))
             self._run = BackgroundCall(monailabel_client.infer_maps, serverUrl, serverModel, self._job.input_file,
                                        request.server_params(), self._job.output_dir, maps)
         self._run.start()

@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ServerError", "normalise_url", "info", "available_models", "infer", "infer_maps"]
+__all__ = ["ServerError", "normalise_url", "info", "available_models", "served_maps", "infer", "infer_maps"]
 
 _HINT_START = "start it with `monailabel start_server --app monailabel_app --studies DATA`"
 
@@ -179,22 +179,36 @@ def infer(url: str, model: str, image_path: str | os.PathLike, params: Mapping[s
     return target
 
 
+def served_maps(server_info: Mapping[str, Any], model: str) -> list[str] | None:
+    """The ``result_map`` choices an ``/info/`` answer lists for ``model``; ``None`` when it lists none."""
+    models = server_info.get("models")
+    model_info = models.get(model) if isinstance(models, Mapping) else None
+    config = model_info.get("config") if isinstance(model_info, Mapping) else None
+    choices = config.get("result_map") if isinstance(config, Mapping) else None
+    return [str(choice) for choice in choices] if isinstance(choices, list) else None
+
+
 def infer_maps(url: str, model: str, image_path: str | os.PathLike, params: Mapping[str, Any],
                output_dir: str | os.PathLike, maps: Mapping[str, str] | None = None,
                timeout: float = 300.0) -> dict[str, Path]:
-    """The mask (:func:`infer`) and, one more request each, the explanation maps of ``maps``.
+    """The mask (:func:`infer`) and, one more request each, the explanation maps of ``maps`` that the served model
+    gives (its ``result_map`` choices in ``/info/``: a model without a causal module has no causal mask; a server
+    that lists none is asked for every map).
 
     Args:
         maps: key -> the server's ``result_map`` value (e.g. ``{"causal mask": "causal_mask"}``); none by default.
         url, model, image_path, params, output_dir, timeout: as :func:`infer`.
 
     Returns:
-        ``{"mask": path}`` and a path for each key of ``maps`` (files ``label``, ``map0``, ``map1``, ...).
+        ``{"mask": path}`` and a path for each key of ``maps`` asked for (files ``label``, ``map0``, ``map1``, ...).
 
     Raises:
         ServerError, FileNotFoundError, ValueError: as :func:`infer`; a server that cannot make a map says why.
     """
     files = {"mask": infer(url, model, image_path, params, output_dir, timeout)}
+    if maps:
+        offered = served_maps(info(url, timeout), model)
+        maps = {key: value for key, value in maps.items() if offered is None or value in offered}
     for index, (key, result_map) in enumerate((maps or {}).items()):
         files[key] = infer(url, model, image_path, {**params, "result_map": result_map}, output_dir, timeout,
                            name=f"map{index}")
