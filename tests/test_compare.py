@@ -117,6 +117,21 @@ def test_compare_trains_every_arm_per_seed_and_tabulates(tmp_path, capsys):
     assert not (out / "unet_seed2").exists()
 
 
+def test_a_runs_time_is_its_clock_unless_part_of_it_predates_the_clock(tmp_path):
+    """The last validation's ``seconds`` when every validation has them; a run resumed from a checkpoint without the
+    clock (its first epochs without ``seconds``) needs ``train_seconds.json``, and without one says so."""
+    from causalclipseg.experiments.compare import _train_seconds
+
+    history = tmp_path / "history.jsonl"
+    history.write_text('{"epoch": 1, "seconds": 10.0}\n{"epoch": 2, "seconds": 25.5}\n')
+    assert _train_seconds(tmp_path) == 25.5
+    history.write_text('{"epoch": 1}\n{"epoch": 2, "seconds": 7.0}\n')  # the clock started at the resume
+    with pytest.raises(ValueError, match="does not record the seconds of every epoch.*train_seconds.json"):
+        _train_seconds(tmp_path)
+    (tmp_path / "train_seconds.json").write_text('{"seconds": 40.0}')
+    assert _train_seconds(tmp_path) == 40.0
+
+
 def test_compare_rejects_an_unknown_arm(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli.main(["compare", "--data", str(tmp_path), "--output-dir", str(tmp_path / "o"), "--arms", "nnunet"])

@@ -77,12 +77,23 @@ def _finished(cfg: TrainConfig) -> bool:
 
 
 def _train_seconds(out: Path) -> float:
-    """A run's training and validation time over all its processes: its last validation's ``seconds``. Runs that
-    predate that record have ``train_seconds.json``, written when a ``compare`` process finished them."""
-    last = _last_validation(out)
-    if last is not None and "seconds" in last:
-        return float(last["seconds"])
-    return float(json.loads((out / "train_seconds.json").read_text())["seconds"])
+    """A run's training and validation time over all its processes: its last validation's ``seconds``, when every
+    validation recorded them. A run that predates that record, in part or in whole (resumed from a checkpoint without
+    the clock, whose ``seconds`` then count only the processes after it), has ``train_seconds.json``, written when a
+    ``compare`` process finished it or rebuilt from its logs.
+
+    Raises:
+        ValueError: if neither holds the run's time.
+    """
+    history = out / "history.jsonl"
+    lines = [json.loads(line) for line in history.read_text().splitlines() if line.strip()] if history.exists() else []
+    if lines and all("seconds" in line for line in lines):
+        return float(lines[-1]["seconds"])
+    legacy = out / "train_seconds.json"
+    if not legacy.exists():
+        raise ValueError(f"{history} does not record the seconds of every epoch (a run resumed from a checkpoint "
+                         f"without the clock) and there is no {legacy}: write its time there as {{\"seconds\": ...}}")
+    return float(json.loads(legacy.read_text())["seconds"])
 
 
 def _run_arm(base: TrainConfig, name: str, seed: int, train_runs: bool = True) -> dict[str, Any]:
