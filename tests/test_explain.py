@@ -137,3 +137,20 @@ def test_the_bundles_explain_of_a_causal_model_writes_what_predict_writes(inputs
             np.testing.assert_array_equal(np.asarray(ours.dataobj), np.asarray(theirs.dataobj), err_msg=suffix)
         causal = np.asarray(nib.load(tmp_path / "bundle" / f"{name}_causal_mask.nii.gz").dataobj)
         assert causal.dtype == np.float32 and causal.std() > 0
+
+
+def test_the_writer_writes_the_maps_it_is_given_and_refuses_others(inputs, tmp_path):
+    """``SaveMaskd(maps=...)``: only names of ``EXPLANATION_MAPS``, refused when it is built (the bundle's parse);
+    a map the data lack is refused before anything is written."""
+    from causalclipseg.inference.predictor import inference_preprocessing
+    from causalclipseg.io.writers import SaveMaskd
+
+    with pytest.raises(ValueError, match="^explanation maps must be among probability, causal_mask, got heatmap$"):
+        SaveMaskd("pred", tmp_path, maps=["probability", "heatmap"])
+    image = inference_preprocessing()({"image": str(inputs["png"])})["image"]
+    data = {"pred": (image > image.mean()).float(), "probability": image / image.max()}
+    with pytest.raises(ValueError, match="hold no 'causal_mask' map"):
+        SaveMaskd("pred", tmp_path, suffixes=[".nii.gz"], maps=("probability", "causal_mask"))(data)
+    assert not any(tmp_path.iterdir())
+    SaveMaskd("pred", tmp_path, suffixes=[".nii.gz"], maps=("probability",))(data)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["xray_mask.nii.gz", "xray_probability.nii.gz"]
