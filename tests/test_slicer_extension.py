@@ -130,7 +130,8 @@ EXPECTED_WIDGET_CLASSES = {
     "backendComboBox": "QComboBox",
     "serverUrlLineEdit": "QLineEdit", "serverModelLineEdit": "QLineEdit", "deviceComboBox": "QComboBox",
     "thresholdSliderWidget": "ctkSliderWidget", "pythonPathLineEdit": "ctkPathLineEdit",
-    "checkpointPathLineEdit": "ctkPathLineEdit", "packageLineEdit": "QLineEdit", "installButton": "QPushButton",
+    "checkpointPathLineEdit": "ctkPathLineEdit", "modelLineEdit": "QLineEdit", "packageLineEdit": "QLineEdit",
+    "installButton": "QPushButton",
     "segmentButton": "QPushButton", "progressBar": "QProgressBar", "statusLabel": "QLabel",
     "logTextEdit": "QPlainTextEdit", "explainCheckBox": "QCheckBox",
 }
@@ -173,6 +174,16 @@ def test_explain_is_offered_remembered_and_passed_on() -> None:
         assert use in code, f"the module lacks {use}"
     assert code.count('SETTINGS + "Explain"') == 2, "the choice is saved and restored"
     assert "Show explanations" in (EXTENSION / "README.md").read_text()
+
+
+def test_model_is_offered_remembered_and_passed_on_to_the_local_backend() -> None:
+    """*Advanced → Model*: the variant a checkpoint belongs to (``tiny`` for a causal mask); empty is the shipped one."""
+    code = MODULE_FILE.read_text()
+    for use in ("model=self.ui.modelLineEdit.text.strip() or None",
+                "self.ui.modelLineEdit.enabled = not remote and not running"):
+        assert use in code, f"the module lacks {use}"
+    assert code.count('SETTINGS + "Model"') == 2, "the choice is saved and restored"
+    assert "*Advanced → Model*" in (EXTENSION / "README.md").read_text()
 
 
 def test_ui_declares_its_custom_widgets_and_connects_the_scene() -> None:

@@ -111,6 +111,7 @@ class TextPromptSegmentationWidget(ScriptedLoadableModuleWidget):
         self.ui.packageLineEdit.text = settings.value(SETTINGS + "Package", DEFAULT_PACKAGE)
         self.ui.pythonPathLineEdit.currentPath = settings.value(SETTINGS + "Python", "")
         self.ui.checkpointPathLineEdit.currentPath = settings.value(SETTINGS + "Checkpoint", "")
+        self.ui.modelLineEdit.text = settings.value(SETTINGS + "Model", "")
         self.ui.backendComboBox.currentIndex = max(0, self.ui.backendComboBox.findData(
             settings.value(SETTINGS + "Backend", LOCAL)))
         self.ui.deviceComboBox.currentIndex = max(0, self.ui.deviceComboBox.findData(
@@ -171,6 +172,7 @@ class TextPromptSegmentationWidget(ScriptedLoadableModuleWidget):
         self.ui.serverModelLineEdit.enabled = remote and not running
         self.ui.pythonPathLineEdit.enabled = not remote and not running
         self.ui.checkpointPathLineEdit.enabled = not remote and not running
+        self.ui.modelLineEdit.enabled = not remote and not running
         for widget in (self.ui.inputVolumeSelector, self.ui.promptTextEdit, self.ui.examplePromptComboBox,
                        self.ui.promptSideComboBox, self.ui.backendComboBox, self.ui.deviceComboBox,
                        self.ui.thresholdSliderWidget, self.ui.outputSegmentationSelector, self.ui.installButton,
@@ -201,6 +203,7 @@ class TextPromptSegmentationWidget(ScriptedLoadableModuleWidget):
         settings.setValue(SETTINGS + "Package", self.ui.packageLineEdit.text)
         settings.setValue(SETTINGS + "Python", self.ui.pythonPathLineEdit.currentPath)
         settings.setValue(SETTINGS + "Checkpoint", self.ui.checkpointPathLineEdit.currentPath)
+        settings.setValue(SETTINGS + "Model", self.ui.modelLineEdit.text)
         settings.setValue(SETTINGS + "Backend", self.backend())
         settings.setValue(SETTINGS + "Device", self.ui.deviceComboBox.currentData)
         settings.setValue(SETTINGS + "PromptSide", self.ui.promptSideComboBox.currentData)
@@ -260,6 +263,7 @@ class TextPromptSegmentationWidget(ScriptedLoadableModuleWidget):
                 prompt=self.prompt(), device=self.ui.deviceComboBox.currentData,
                 threshold=float(self.ui.thresholdSliderWidget.value),
                 checkpoint=self.ui.checkpointPathLineEdit.currentPath.strip() or None,
+                model=self.ui.modelLineEdit.text.strip() or None,
                 prompt_side=self.ui.promptSideComboBox.currentData, explain=bool(self.ui.explainCheckBox.checked))
             if self.ui.outputSegmentationSelector.currentNode() is None:
                 self.ui.outputSegmentationSelector.addNode()
