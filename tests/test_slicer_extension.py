@@ -177,7 +177,7 @@ def test_explain_is_offered_remembered_and_passed_on() -> None:
 
 
 def test_model_is_offered_remembered_and_passed_on_to_the_local_backend() -> None:
-    """*Advanced → Model*: the variant a checkpoint belongs to (``tiny`` for a causal mask); empty is the shipped one."""
+    """*Advanced → Model*: the variant a checkpoint belongs to (``tiny`` for a causal mask); empty: the shipped one."""
     code = MODULE_FILE.read_text()
     for use in ("model=self.ui.modelLineEdit.text.strip() or None",
                 "self.ui.modelLineEdit.enabled = not remote and not running"):
