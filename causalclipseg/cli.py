@@ -1,6 +1,7 @@
 """``causalclipseg <verb>``: predict, train, evaluate, verify-data. Each verb is a testable ``main(argv)``.
 
-User errors end in one line on stderr (``error: ...``) and exit status 2; never a traceback.
+User errors end in one line on stderr (``error: ...``) and exit status 2; never a traceback. Torch, open_clip and
+MONAI are imported by a verb once its arguments are parsed, so ``--help`` and argument errors answer at once.
 """
 
 from __future__ import annotations
@@ -14,9 +15,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from .data.prompts import PROMPT_SIDES
-from .factory import DEFAULT_MODEL, list_models
-from .model.causalclipseg import GAMES
-from .tokenizer import read_prompt
+from .model.config import GAMES
+from .registry import DEFAULT_MODEL, list_models
 
 __all__ = ["main", "predict_main", "train_main", "evaluate_main", "compare_main", "worker_main"]
 
@@ -83,6 +83,7 @@ def predict_main(argv: Sequence[str] | None = None) -> int:
     from .inference.prompts import model_tokens
     from .io.dicom_seg import check_dicom_seg_input
     from .io.inputs import list_inputs
+    from .tokenizer import read_prompt
     try:
         text = read_prompt(args.prompt, args.prompt_file, "--prompt-file")
         predictor = Predictor(args.model, args.checkpoint, device=args.device, threshold=args.threshold,

@@ -1,18 +1,17 @@
 """One front door: ``create_model(name, pretrained=..., checkpoint=...)`` and ``list_models()``.
 
-Architecture comes from a JSON file per variant in ``model_configs/``; weights are separate: CLIP
-weights through open_clip (a tag such as ``openai`` or a local file) and CausalCLIPSeg weights from a
-state-dict file (``.pt``/``.pth`` read with ``weights_only=True``, or ``.safetensors``).
+Architecture comes from a JSON file per variant in ``model_configs/`` (registered in :mod:`causalclipseg.registry`,
+re-exported here); weights are separate: CLIP weights through open_clip (a tag such as ``openai`` or a local file)
+and CausalCLIPSeg weights from a state-dict file (``.pt``/``.pth`` read with ``weights_only=True``, or
+``.safetensors``).
 """
 
 from __future__ import annotations
 
-import difflib
-import json
 import logging
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import open_clip
 import torch
@@ -20,6 +19,7 @@ from safetensors.torch import load_file
 
 from .model.causalclipseg import CausalCLIPSeg
 from .model.config import CausalCLIPSegConfig, UNetBaselineConfig
+from .registry import DEFAULT_CHECKPOINT, DEFAULT_MODEL, add_model_config, get_model_config, list_models
 
 if TYPE_CHECKING:  # the U-Net baseline is an experiment tool: imported only when a config asks for it
     from .experiments.unet import TextFreeUNet
@@ -29,59 +29,6 @@ logger = logging.getLogger(__name__)
 __all__ = ["create_model", "list_models", "add_model_config", "get_model_config", "load_state_dict",
            "checkpoint_prompt_side", "resolve_device",
            "DEFAULT_MODEL", "DEFAULT_CHECKPOINT"]
-
-_CONFIG_DIR = Path(__file__).parent / "model_configs"
-_CONFIGS: dict[str, dict[str, Any]] = {}
-
-# The variant we train and ship: the tiny model without the causal module, which segments QaTa-COV19 better than
-# with it at the same budget (README, "Does the causal intervention pay?").
-DEFAULT_MODEL = "tiny-nocausal"
-DEFAULT_CHECKPOINT = Path(__file__).parent / "weights" / "causalclipseg_qata.pt"  # DEFAULT_MODEL's weights
-
-
-def add_model_config(path: str | os.PathLike) -> None:
-    """Register a JSON config file, or every ``*.json`` in a folder, under its file stem.
-
-    Raises:
-        FileNotFoundError: if ``path`` does not exist.
-        ValueError: if a file is not a valid model config.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"model config path not found: {path}")
-    for file in sorted(path.glob("*.json")) if path.is_dir() else [path]:
-        data = json.loads(file.read_text(encoding="utf-8"))
-        try:
-            _parse_config(data)
-        except (TypeError, ValueError) as err:
-            raise ValueError(f"invalid model config {file}: {err}") from err
-        _CONFIGS[file.stem] = data
-
-
-def _parse_config(data: dict[str, Any]) -> CausalCLIPSegConfig | UNetBaselineConfig:
-    """A config with a ``unet`` section is the vision-only baseline; anything else is CausalCLIPSeg."""
-    if "unet" in data:
-        return UNetBaselineConfig.from_dict(data)
-    return CausalCLIPSegConfig.from_dict(data)
-
-
-def list_models() -> list[str]:
-    """Names of the registered variants."""
-    return sorted(_CONFIGS)
-
-
-def get_model_config(name: str) -> CausalCLIPSegConfig | UNetBaselineConfig:
-    """Parsed config of a registered variant.
-
-    Raises:
-        ValueError: for an unknown name, listing the closest valid names.
-    """
-    if name not in _CONFIGS:
-        close = difflib.get_close_matches(name, list(_CONFIGS), n=3, cutoff=0.3)
-        hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-        raise ValueError(f"unknown model {name!r}{hint} (available: {', '.join(list_models())})")
-    return _parse_config(_CONFIGS[name])
-
 
 def _build_clip(config: CausalCLIPSegConfig, pretrained: str | None) -> torch.nn.Module:
     """An open_clip CLIP with random weights, or weights from an open_clip tag or a local file."""
@@ -208,4 +155,3 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
-add_model_config(_CONFIG_DIR)

@@ -237,6 +237,28 @@ def test_evaluate_reports_both_protocols(tmp_path, checkpoint, capsys):
                      "--prompt-transform", "empty", "--bootstrap", "10"]) == 0
 
 
+def test_help_and_argument_errors_answer_before_torch_is_imported():
+    """``--help`` and a bad argument are answered from the registry alone; torch, open_clip and MONAI wait for a
+    verb that runs (a fresh interpreter: this one has imported them). Only train's ``--help`` imports torch: its
+    defaults are TrainConfig's."""
+    script = """
+import sys
+from causalclipseg import cli
+def code(argv):
+    try:
+        return cli.main(argv)
+    except SystemExit as end:  # argparse's own exits
+        return end.code
+codes = [code(argv) for argv in ([], ["predict", "x.png"], ["evaluate", "--model", "nope"], ["predict", "--help"])]
+heavy = [m for m in ("torch", "open_clip", "monai") if m in sys.modules]
+codes.append(code(["train", "--help"]))
+print(codes, heavy, "torch" in sys.modules)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip().splitlines()[-1] == "[2, 2, 2, 0, 0] [] True", done.stderr
+    assert "--prompt" in done.stderr and "invalid choice: 'nope'" in done.stderr
+
+
 def test_main_without_verb_prints_usage(capsys):
     assert cli.main([]) == 2
     assert "verify-data" in capsys.readouterr().err

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from causalclipseg import create_model
-from causalclipseg.factory import _CONFIG_DIR, load_state_dict
+from causalclipseg.factory import load_state_dict
+from causalclipseg.registry import _CONFIG_DIR
 from causalclipseg.training.checkpoint import save_weights
 
 from .conftest import PROMPT

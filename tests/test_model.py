@@ -10,9 +10,9 @@ import torch
 
 import causalclipseg
 from causalclipseg import create_model, list_models
-from causalclipseg.factory import _CONFIG_DIR
 from causalclipseg.model import causalclipseg as model_module
 from causalclipseg.model.layers import grad_reverse
+from causalclipseg.registry import _CONFIG_DIR
 from causalclipseg.training.losses import CausalSegLoss
 
 from .conftest import PROMPT, TINY_VIT, register_config

@@ -62,18 +62,17 @@ def _arm_config(base: TrainConfig, name: str, seed: int) -> TrainConfig:
                    prompt_transform=arm.prompt_transform, seed=seed, game=arm.game)
 
 
-def _last_validation(out: Path) -> dict[str, Any] | None:
-    """The last line of a run's ``history.jsonl``, if any."""
+def _history(out: Path) -> list[dict[str, Any]]:
+    """A run's validations, one per line of its ``history.jsonl`` (none before its first)."""
     history = out / "history.jsonl"
-    lines = history.read_text().strip().splitlines() if history.exists() else []
-    return json.loads(lines[-1]) if lines else None
+    return [json.loads(line) for line in history.read_text().splitlines() if line.strip()] if history.exists() else []
 
 
 def _finished(cfg: TrainConfig) -> bool:
     """Whether the run in ``cfg.output_dir`` has trained all its epochs: the trainer validates after the last
     epoch, so its history then ends at ``cfg.epochs`` (and its first validation wrote ``best_metrics.json``)."""
-    last = _last_validation(Path(cfg.output_dir))
-    return last is not None and last["epoch"] >= cfg.epochs
+    history = _history(Path(cfg.output_dir))
+    return bool(history) and history[-1]["epoch"] >= cfg.epochs
 
 
 def _train_seconds(out: Path) -> float:
@@ -85,14 +84,14 @@ def _train_seconds(out: Path) -> float:
     Raises:
         ValueError: if neither holds the run's time.
     """
-    history = out / "history.jsonl"
-    lines = [json.loads(line) for line in history.read_text().splitlines() if line.strip()] if history.exists() else []
-    if lines and all("seconds" in line for line in lines):
-        return float(lines[-1]["seconds"])
+    history = _history(out)
+    if history and all("seconds" in line for line in history):
+        return float(history[-1]["seconds"])
     legacy = out / "train_seconds.json"
     if not legacy.exists():
-        raise ValueError(f"{history} does not record the seconds of every epoch (a run resumed from a checkpoint "
-                         f"without the clock) and there is no {legacy}: write its time there as {{\"seconds\": ...}}")
+        raise ValueError(f"{out / 'history.jsonl'} does not record the seconds of every epoch (a run resumed from a "
+                         f"checkpoint without the clock) and there is no {legacy}: write its time there as "
+                         f"{{\"seconds\": ...}}")
     return float(json.loads(legacy.read_text())["seconds"])
 
 

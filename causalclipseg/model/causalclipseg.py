@@ -15,7 +15,7 @@ from torch.func import functional_call
 from ..data.prompts import check_prompt_side
 from ..tokenizer import PromptTokenizer
 from .causal import CausalIntervention
-from .config import CausalCLIPSegConfig
+from .config import GAMES, CausalCLIPSegConfig
 from .decoder import CrossModalDecoder, LevelNeck, TextPixelProjector
 from .encoders import TextEncoder, TextFeatures, build_image_encoder
 from .layers import grad_reverse, grad_scale
@@ -24,11 +24,6 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["GAMES", "CausalCLIPSeg", "CausalCLIPSegOutput", "PromptSideRecord"]
 
-#: How the min-max game between the confounder head and the trunk is played (:meth:`CausalCLIPSeg.forward_aux`):
-#: ``reversal``: the trunk maximises the head's (bounded) segmentation loss through gradient reversal;
-#: ``uninformative``: the trunk drives the head's prediction towards 0.5 (nothing left to find), the head still
-#: minimises its segmentation loss; the two objectives reach their players through separate paths.
-GAMES = ("reversal", "uninformative")
 
 _SIDE_KEY = "viewer_side_prompts"
 

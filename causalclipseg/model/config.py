@@ -6,8 +6,16 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-__all__ = ["ClipConfig", "DecoderConfig", "ProjectorConfig", "CausalConfig", "CausalCLIPSegConfig",
+__all__ = ["GAMES", "ClipConfig", "DecoderConfig", "ProjectorConfig", "CausalConfig", "CausalCLIPSegConfig",
            "UNetBaselineConfig"]
+
+
+#: How the min-max game between the confounder head and the trunk is played
+#: (:meth:`causalclipseg.model.causalclipseg.CausalCLIPSeg.forward_aux`; the trainer's ``game``):
+#: ``reversal``: the trunk maximises the head's (bounded) segmentation loss through gradient reversal;
+#: ``uninformative``: the trunk drives the head's prediction towards 0.5 (nothing left to find), the head still
+#: minimises its segmentation loss; the two objectives reach their players through separate paths.
+GAMES = ("reversal", "uninformative")
 
 
 @dataclass

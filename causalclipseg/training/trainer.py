@@ -61,7 +61,8 @@ from ..data.prompts import check_prompt_side
 from ..evaluation.evaluate import evaluate_model
 from ..factory import DEFAULT_MODEL, create_model, resolve_device
 from ..io.writers import atomic_write
-from ..model.causalclipseg import GAMES, CausalCLIPSegOutput
+from ..model.causalclipseg import CausalCLIPSegOutput
+from ..model.config import GAMES
 from .checkpoint import save_weights
 from .losses import CausalSegLoss
 
@@ -90,7 +91,7 @@ class TrainConfig:
     weight_decay: float = 1e-4
     warmup_iterations: int = 200  # linear warm-up, then cosine decay to 0
     reversal_max: float = 0.5  # final gradient-reversal coefficient of the min-max game
-    game: str = "reversal"  # how the min-max game is played: "reversal" or "uninformative" (model.causalclipseg.GAMES)
+    game: str = "reversal"  # how the min-max game is played: "reversal" or "uninformative" (model.config.GAMES)
     confounder_weight: float = 1.0  # weight of the confounder loss term
     train_split: str = "train"
     val_split: str = "valid"
