@@ -65,7 +65,7 @@ def predict_main(argv: Sequence[str] | None = None) -> int:
                         help="whose left the prompt's 'left' is: the patient's (clinical convention) or the viewer's "
                              "(the image's left as displayed; QaTa-COV19's captions)")
     parser.add_argument("--output-dir", default="causalclipseg_output", help="folder for masks and overlays")
-    parser.add_argument("--threshold", type=float, default=0.5, help="probability above which a pixel is lesion")
+    parser.add_argument("--threshold", type=float, default=0.5, help="probability from which a pixel is lesion (>=)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     parser.add_argument("--explain", action="store_true",
                         help="also write <name>_probability.nii.gz (the lesion probability) and, for a model with "

@@ -359,11 +359,13 @@ def test_clear_errors(data, tmp_path, case, message):
 def test_bundle_and_predictor_run_one_path_to_the_same_masks(data, tmp_path):
     """One inference path: on a PNG, a DICOM X-ray, an oblique NIfTI and a DICOM series, the bundle's inference.json
     writes exactly the masks of the package's Predictor. With random weights the probabilities cluster, so the
-    threshold is their pooled median (each mask is then neither empty nor full)."""
+    threshold is their pooled median, taken as one of the probabilities themselves (each mask is then neither empty
+    nor full, and the voxels at the threshold show that both apply the one rule, ``>=``)."""
     kinds = ("png", "dcm", "nii", "series")
     predictor = Predictor(DEFAULT_MODEL, data["ckpt"], device="cpu")
-    probabilities = {k: predictor.predict(data[k], PROMPT_A).probability for k in kinds}
-    threshold = float(np.median(np.concatenate([p.ravel() for p in probabilities.values()])))
+    pooled = np.concatenate([predictor.predict(data[k], PROMPT_A).probability.ravel() for k in kinds])
+    threshold = float(np.quantile(pooled, 0.5, method="lower"))
+    predictor.configure(threshold, "patient")
     datalist = tmp_path / "inputs.json"
     datalist.write_text(json.dumps({"testing": [{"image": str(data[k])} for k in kinds]}))
     _ok(_infer(data["ckpt"], "--input", str(datalist), "--output_dir", str(tmp_path / "out"), "--prompt", PROMPT_A,
@@ -371,9 +373,11 @@ def test_bundle_and_predictor_run_one_path_to_the_same_masks(data, tmp_path):
     for kind in kinds:
         name = data[kind].name.split(".")[0]
         written = nib.load(tmp_path / "out" / f"{name}_mask.nii.gz").get_fdata()
-        expected = probabilities[kind] > threshold
-        assert 0 < expected.mean() < 1, kind
-        np.testing.assert_array_equal(written.reshape(expected.shape), expected, err_msg=kind)
+        prediction = predictor.predict(data[kind], PROMPT_A)
+        assert 0 < prediction.mask.mean() < 1, kind
+        np.testing.assert_array_equal(prediction.mask, prediction.probability >= threshold, err_msg=kind)
+        np.testing.assert_array_equal(written.reshape(prediction.mask.shape), prediction.mask, err_msg=kind)
+    assert (pooled == threshold).any()
 
 
 def test_list_inputs_treats_a_dicom_series_as_one_volume(data):

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 from monai.config import KeysCollection
-from monai.transforms import Activationsd, AsDiscreted, Compose, Invertd, MapTransform
+from monai.transforms import Activationsd, AsDiscrete, AsDiscreted, Compose, Invertd, MapTransform
 from torch import nn
 
 from ..data.prompts import check_prompt_side
@@ -162,7 +162,7 @@ class Predictor:
         checkpoint: CausalCLIPSeg weights; ``None`` uses the weights shipped for the default variant.
         pretrained: CLIP weights (only useful without a checkpoint).
         device: ``auto`` (CUDA when present), ``cpu`` or ``cuda[:N]``.
-        threshold: probability above which a voxel is lesion.
+        threshold: probability from which a voxel is lesion (``>=``, MONAI's ``AsDiscrete``, as the bundle).
         batch_size: slices per forward pass for volumes.
         prompt_side: whose left the prompts' "left" is: ``patient`` or ``viewer``.
 
@@ -230,7 +230,8 @@ class Predictor:
         maps = {}
         for name in self.model.explanation_maps if explain else ():
             maps[name] = probability if name == "probability" else data[name][0].as_subclass(torch.Tensor).numpy()
-        return Prediction(path, probability, (probability > self.threshold).astype(np.uint8), gray,
+        mask = AsDiscrete(threshold=self.threshold)(probability).astype(np.uint8)  # the bundle's rule: >= threshold
+        return Prediction(path, probability, mask, gray,
                           dict(data["pred"].meta), maps, prompt)
 
     def write(self, prediction: Prediction, output_dir: str | os.PathLike, overwrite: bool = False,

@@ -60,7 +60,7 @@ class SegmentationRequest:
     Args:
         prompt: the text describing what to segment.
         device: ``auto`` (GPU when present), ``cpu``, ``cuda`` or ``cuda:N``.
-        threshold: probability above which a voxel is in the segment, in (0, 1).
+        threshold: probability from which (>=) a voxel is in the segment, in (0, 1).
         model: model variant; ``None`` lets the package pick its default.
         checkpoint: weights file; ``None`` uses the weights shipped with the package.
         prompt_side: whose left "left" in the prompt is: ``patient`` (as clinicians say; in Slicer's default views the
