@@ -8,6 +8,7 @@ and CausalCLIPSeg weights from a state-dict file (``.pt``/``.pth`` read with ``w
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -26,8 +27,11 @@ if TYPE_CHECKING:  # the U-Net baseline is an experiment tool: imported only whe
 
 logger = logging.getLogger(__name__)
 
+#: The record of a training run beside its ``best_model.pt``: its settings, the variant (``model``) among them.
+RUN_FILE = "train_config.json"
+
 __all__ = ["create_model", "list_models", "add_model_config", "get_model_config", "load_state_dict",
-           "checkpoint_prompt_side", "resolve_device",
+           "checkpoint_prompt_side", "resolve_device", "RUN_FILE",
            "DEFAULT_MODEL", "DEFAULT_CHECKPOINT"]
 
 def _build_clip(config: CausalCLIPSegConfig, pretrained: str | None) -> torch.nn.Module:
@@ -102,8 +106,27 @@ def _load_checkpoint(model: torch.nn.Module, path: str | os.PathLike, name: str)
             return ", ".join(keys[:5]) + (f" (+{len(keys) - 5} more)" if len(keys) > 5 else "")
         problems = [f"{label} keys: {first(keys)}" for label, keys in
                     (("missing", missing), ("unexpected", unexpected), ("shape-mismatched", mismatched)) if keys]
-        raise ValueError(f"checkpoint {path} does not fit model {name!r} (is it for another variant?): "
-                         + "; ".join(problems))
+        trained = _trained_variant(Path(path))
+        hint = (f"its run trained model {trained[0]!r} ({trained[1]} beside it)" if trained and trained[0] != name
+                else "is it for another variant?")
+        raise ValueError(f"checkpoint {path} does not fit model {name!r} ({hint}): " + "; ".join(problems))
+
+
+def _trained_variant(path: Path) -> tuple[str, str] | None:
+    """The variant a checkpoint was trained as, and the file that says so: its run's record beside it (a training
+    run's :data:`RUN_FILE`, or the ``<stem>_metrics.json`` that ``scripts/ship_model.py`` writes beside shipped
+    weights); ``None`` when neither is there or readable. The state dict itself does not record it."""
+    for record, keys in ((path.parent / RUN_FILE, ("model",)),
+                         (path.with_name(f"{path.stem}_metrics.json"), ("training", "model"))):
+        try:
+            value = json.loads(record.read_text(encoding="utf-8"))
+            for key in keys:
+                value = value[key]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if isinstance(value, str):
+            return value, record.name
+    return None
 
 
 def create_model(name: str = DEFAULT_MODEL, pretrained: str | None = None,

@@ -75,6 +75,27 @@ def test_checkpoint_of_another_variant_names_the_keys(tmp_path):
         create_model("tiny", checkpoint=tmp_path / "reshaped.pt")
 
 
+def test_a_checkpoint_of_another_variant_is_named_by_its_run_record(tmp_path):
+    """The state dict does not record its variant; a training run's record beside it, or the metrics file that
+    ships beside released weights, does, and the refusal names what it says."""
+    run = tmp_path / "run"
+    run.mkdir()
+    path = save_weights(create_model("tiny").state_dict(), run / "best_model.pt")
+    with pytest.raises(ValueError, match=r"does not fit model 'tiny-nocausal' \(is it for another variant\?\)"):
+        create_model("tiny-nocausal", checkpoint=path)
+    (run / "train_config.json").write_text(json.dumps({"model": "tiny", "epochs": 1}))
+    with pytest.raises(ValueError, match=r"'tiny-nocausal' \(its run trained model 'tiny' \(train_config\.json beside "
+                                         r"it\)\): unexpected keys: "):
+        create_model("tiny-nocausal", checkpoint=path)
+    shipped = save_weights(create_model("tiny").state_dict(), tmp_path / "released.pt")
+    (tmp_path / "released_metrics.json").write_text(json.dumps({"training": {"model": "tiny"}}))
+    with pytest.raises(ValueError, match=r"its run trained model 'tiny' \(released_metrics\.json beside it\)"):
+        create_model("tiny-nocausal", checkpoint=shipped)
+    (tmp_path / "released_metrics.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"is it for another variant\?"):
+        create_model("tiny-nocausal", checkpoint=shipped)
+
+
 def test_missing_and_corrupt_checkpoints(tmp_path):
     with pytest.raises(FileNotFoundError, match="checkpoint not found"):
         create_model("tiny", checkpoint=tmp_path / "nope.pt")

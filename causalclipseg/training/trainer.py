@@ -59,7 +59,7 @@ from ..data.datasets import dataset_prompt_side, read_dataset
 from ..data.pipelines import get_train_transforms, get_val_transforms
 from ..data.prompts import check_prompt_side
 from ..evaluation.evaluate import evaluate_model
-from ..factory import DEFAULT_MODEL, create_model, resolve_device
+from ..factory import DEFAULT_MODEL, RUN_FILE, create_model, resolve_device
 from ..io.writers import atomic_write
 from ..model.causalclipseg import CausalCLIPSegOutput
 from ..model.config import GAMES
@@ -71,13 +71,11 @@ logger = logging.getLogger(__name__)
 __all__ = ["RUNTIME_FIELDS", "MinMaxForward", "TrainConfig", "Trainer", "config_changes", "param_groups",
            "reversal_coefficient", "train"]
 
-#: the run record in the output folder: the config's fields and ``world_size``
-RUN_FILE = "train_config.json"
-
 
 @dataclass
 class TrainConfig:
-    """Everything a training run depends on; saved as ``train_config.json`` in the output folder."""
+    """Everything a training run depends on; saved as ``train_config.json`` (``RUN_FILE``) in the output folder,
+    with ``world_size``."""
 
     data: str  # dataset root (SGSeg or LViT layout) or a MONAI datalist JSON
     output_dir: str  # checkpoints, best model, TensorBoard logs, history
