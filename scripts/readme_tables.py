@@ -111,7 +111,7 @@ COMPARISON = f"{RESULTS}/comparison_1epoch.json"
 
 ABLATION_EXTENT = tuple(f"{RESULTS}/ablation_seed0_{name}_by_extent.json"
                         for name in ("causalclipseg", "public-masks", "uninformative", "no-causal", "no-causal_swap",
-                                     "no-causal_empty"))
+                                     "no-causal_empty", "unet"))
 #: how the ablation-extent table names an evaluation's prompt transform
 _PROMPTS = {"none": "", "swap": ", sides swapped", "empty": ", empty prompts"}
 
