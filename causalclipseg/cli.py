@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .data.prompts import PROMPT_SIDES
 from .model.config import GAMES
-from .registry import DEFAULT_MODEL, list_models
+from .registry import DEFAULT_MODEL, add_model_config, list_models
 
 __all__ = ["main", "predict_main", "train_main", "evaluate_main", "compare_main", "worker_main"]
 
@@ -35,8 +35,28 @@ def _parser(verb: str, description: str) -> argparse.ArgumentParser:
                                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 
 
+def _model_config_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model-config", action="append", default=[], metavar="JSON",
+                        help="a model config file (or a folder of them) to register under its file stem, so that "
+                             "--model can name it; repeatable (a resumed run needs it again)")
+
+
+def _register_model_configs(argv: Sequence[str] | None) -> str | None:
+    """Register the ``--model-config`` files of ``argv`` before a parser offers ``--model``'s choices; returns the
+    error message of a file that cannot be registered, else ``None``."""
+    early = argparse.ArgumentParser(add_help=False, allow_abbrev=False)  # --model is not --model-config
+    _model_config_arg(early)
+    for path in early.parse_known_args(argv)[0].model_config:
+        try:
+            add_model_config(path)
+        except USER_ERRORS as err:
+            return str(err)
+    return None
+
+
 def _model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL, choices=list_models(), help="model variant")
+    _model_config_arg(parser)
     parser.add_argument("--checkpoint", default=None,
                         help="CausalCLIPSeg weights (.pt or .safetensors); default: the weights shipped for "
                              f"'{DEFAULT_MODEL}'")
@@ -45,6 +65,8 @@ def _model_args(parser: argparse.ArgumentParser) -> None:
 
 def predict_main(argv: Sequence[str] | None = None) -> int:
     """Segment image files or folders with a prompt; writes ``<name>_mask.*`` and ``<name>_overlay.png``."""
+    if (error := _register_model_configs(argv)) is not None:
+        return _fail(error)
     parser = _parser(
         "predict",
         "Segment what the prompt describes. 'Left' and 'right' in the prompt are the PATIENT's sides, "
@@ -165,6 +187,8 @@ def _add_dataclass_args(parser: argparse.ArgumentParser, cls: type, exclude: Seq
 
 def train_main(argv: Sequence[str] | None = None) -> int:
     """Train (or resume) a model on a dataset."""
+    if (error := _register_model_configs(argv)) is not None:
+        return _fail(error)
     from .training.trainer import TrainConfig, train
     parser = _parser(
         "train",
@@ -173,10 +197,12 @@ def train_main(argv: Sequence[str] | None = None) -> int:
         "(with the config it was started with: see --allow-config-change). The bundle's train.json and "
         "the MONAI Label app run this same trainer. Run `causalclipseg verify-data` on the dataset first.")
     _add_dataclass_args(parser, TrainConfig)
-    args = parser.parse_args(argv)
+    _model_config_arg(parser)
+    args = vars(parser.parse_args(argv))
+    del args["model_config"]  # registered above
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     try:
-        best = train(TrainConfig(**vars(args)))
+        best = train(TrainConfig(**args))
     except USER_ERRORS as err:
         return _fail(str(err))
     print(json.dumps(best, indent=2))
@@ -185,6 +211,8 @@ def train_main(argv: Sequence[str] | None = None) -> int:
 
 def evaluate_main(argv: Sequence[str] | None = None) -> int:
     """Score a model on a dataset split under both metric protocols."""
+    if (error := _register_model_configs(argv)) is not None:
+        return _fail(error)
     parser = _parser(
         "evaluate",
         "Dice and IoU at threshold 0.5 under both protocols: per-image mean (LViT / CausalCLIPSeg "

@@ -35,10 +35,10 @@ def add_model_config(path: str | os.PathLike) -> None:
     if not path.exists():
         raise FileNotFoundError(f"model config path not found: {path}")
     for file in sorted(path.glob("*.json")) if path.is_dir() else [path]:
-        data = json.loads(file.read_text(encoding="utf-8"))
         try:
+            data = json.loads(file.read_text(encoding="utf-8"))
             _parse_config(data)
-        except (TypeError, ValueError) as err:
+        except (OSError, UnicodeDecodeError, TypeError, ValueError) as err:
             raise ValueError(f"invalid model config {file}: {err}") from err
         _CONFIGS[file.stem] = data
 

@@ -16,6 +16,7 @@ from PIL import Image
 
 from causalclipseg import DEFAULT_MODEL, cli, create_model
 from causalclipseg.factory import DEFAULT_CHECKPOINT, load_state_dict
+from causalclipseg.registry import _CONFIG_DIR, _CONFIGS
 from causalclipseg.training.checkpoint import save_weights
 
 from .conftest import write_datalist
@@ -221,6 +222,38 @@ def test_train_rejects_a_bad_dataset(tmp_path, capsys):
     assert cli.main(["train", "--data", str(tmp_path / "nowhere"), "--output-dir", str(tmp_path / "o"),
                      "--no-progress"]) == 2
     assert capsys.readouterr().err.startswith("error: ")
+
+
+def test_a_model_config_file_is_trained_evaluated_and_used_by_name(tmp_path, capsys):
+    """``--model-config FILE`` registers a variant the package does not ship (here the shipped one with deeper middle
+    stages of its image encoder) for train, evaluate and predict; a file that is not a model config is one error
+    line naming it, before anything runs; the name alone, unregistered, is not a choice."""
+    config = json.loads((_CONFIG_DIR / f"{DEFAULT_MODEL}.json").read_text())
+    config["clip"]["model_cfg"]["vision_cfg"]["layers"] = [1, 2, 2, 1]
+    path = tmp_path / "my-variant.json"
+    path.write_text(json.dumps(config))
+    data, out = write_datalist(tmp_path, n=4), tmp_path / "run"
+    named = ["--model-config", str(path), "--model", "my-variant"]
+    try:
+        assert cli.main([*_train_args(data, out, epochs=1), *named]) == 0
+        assert json.loads((out / "train_config.json").read_text())["model"] == "my-variant"
+        assert cli.main(["evaluate", "--data", str(data), "--split", "train", "--checkpoint",
+                         str(out / "best_model.pt"), "--bootstrap", "10", *named]) == 0
+        picture = _xray(tmp_path / "xray.png")
+        assert cli.main(["predict", str(picture), "--prompt", PROMPT, "--checkpoint", str(out / "best_model.pt"),
+                         "--output-dir", str(tmp_path / "masks"), *named]) == 0
+        assert (tmp_path / "masks" / "xray_mask.png").is_file()
+        capsys.readouterr()
+        broken = tmp_path / "broken.json"
+        broken.write_text("{not json")
+        assert cli.main(["predict", str(picture), "--prompt", PROMPT, "--model-config", str(broken)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: invalid model config {broken}: ") and len(err.strip().splitlines()) == 1
+    finally:
+        _CONFIGS.pop("my-variant", None)
+    done = subprocess.run([sys.executable, "-m", "causalclipseg.cli", "evaluate", "--data", str(data),
+                           "--model", "my-variant"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "invalid choice: 'my-variant'" in done.stderr
 
 
 def test_evaluate_reports_both_protocols(tmp_path, checkpoint, capsys):
