@@ -37,6 +37,8 @@ def add_model_config(path: str | os.PathLike) -> None:
     for file in sorted(path.glob("*.json")) if path.is_dir() else [path]:
         try:
             data = json.loads(file.read_text(encoding="utf-8"))
+            if not isinstance(data, dict):
+                raise ValueError(f"a model config is a JSON object, got {type(data).__name__}")
             _parse_config(data)
         except (OSError, UnicodeDecodeError, TypeError, ValueError) as err:
             raise ValueError(f"invalid model config {file}: {err}") from err

@@ -249,6 +249,10 @@ def test_a_model_config_file_is_trained_evaluated_and_used_by_name(tmp_path, cap
         assert cli.main(["predict", str(picture), "--prompt", PROMPT, "--model-config", str(broken)]) == 2
         err = capsys.readouterr().err
         assert err.startswith(f"error: invalid model config {broken}: ") and len(err.strip().splitlines()) == 1
+        broken.write_text("[1, 2]")
+        assert cli.main(["evaluate", "--data", str(data), "--model-config", str(broken)]) == 2
+        err = capsys.readouterr().err
+        assert err == f"error: invalid model config {broken}: a model config is a JSON object, got list\n"
     finally:
         _CONFIGS.pop("my-variant", None)
     done = subprocess.run([sys.executable, "-m", "causalclipseg.cli", "evaluate", "--data", str(data),
