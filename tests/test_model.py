@@ -87,6 +87,7 @@ CONFIG_VARIANTS = {
     "no-cross-attention-no-gate": {"decoder": {"dim": 64, "num_layers": 0, "sentence_gate": False, "num_heads": 4,
                                                "ffn_dim": 128}},
     "stride8": {"projector": {"stride": 8}},
+    "stride4-skip": {"projector": {"fine_skip": True}},
     "vit": "vit",
 }
 
@@ -233,3 +234,31 @@ def test_bad_config_rejected(tmp_path):
     path.write_text(json.dumps(data))
     with pytest.raises(ValueError, match="divisible by 32, got 300"):
         causalclipseg.add_model_config(path)
+    data = json.loads((_CONFIG_DIR / "tiny.json").read_text())
+    data["projector"] = {"stride": 8, "fine_skip": True}
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="fine_skip merges a stride-4 level, so it needs stride 4, got 8"):
+        causalclipseg.add_model_config(path)
+
+
+def test_stride4_skip_needs_a_resnet_tower(tmp_path):
+    name = register_config(tmp_path, "test-vit-fine", {**TINY_VIT, "projector": {"fine_skip": True}})
+    with pytest.raises(ValueError, match="fine_skip needs a ResNet image tower; a ViT has no stride-4 level"):
+        create_model(name)
+
+
+def test_stride4_skip_carries_the_image_tower_level(tmp_path):
+    """With ``projector.fine_skip`` the projector receives the tower's stride-4 level and its output depends on it."""
+    data = json.loads((_CONFIG_DIR / "tiny-nocausal.json").read_text())
+    data["projector"]["fine_skip"] = True
+    model = create_model(register_config(tmp_path, "test-fine", data)).eval()
+    seen = []
+    model.projector.fine.register_forward_hook(lambda module, args, out: seen.append(args[0].shape))
+    image, text = torch.randn(1, 3, 64, 96), model.tokenize(PROMPT)
+    with torch.no_grad():
+        before = model(image, text)
+        model.projector.fine.conv.weight.mul_(2)
+        after = model(image, text)
+    channels = model.image_encoder.visual.layer1[-1].conv3.out_channels
+    assert seen == [(1, channels, 16, 24)] * 2
+    assert not torch.allclose(before, after)

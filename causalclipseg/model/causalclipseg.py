@@ -92,7 +92,8 @@ class CausalCLIPSeg(PromptSideRecord, nn.Module):
     def __init__(self, config: CausalCLIPSegConfig, clip: nn.Module) -> None:
         super().__init__()
         self.config = config
-        self.image_encoder = build_image_encoder(clip.visual, config.clip.vit_feature_blocks)
+        self.image_encoder = build_image_encoder(clip.visual, config.clip.vit_feature_blocks,
+                                                 fine=config.projector.fine_skip)
         self.text_encoder = TextEncoder(clip, config.clip.context_length)
         self.tokenizer = PromptTokenizer(config.clip.context_length)
         dim, text_dim = config.decoder.dim, self.text_encoder.out_dim
@@ -100,10 +101,11 @@ class CausalCLIPSeg(PromptSideRecord, nn.Module):
         self.neck = LevelNeck(self.image_encoder.out_channels, dim)
         self.decoder = CrossModalDecoder(dim, text_dim, dec.sentence_gate, dec.num_layers, dec.num_heads,
                                          dec.ffn_dim, dec.dropout)
-        self.projector = TextPixelProjector(dim, text_dim, proj.stride, proj.kernel_size)
+        fine = getattr(self.image_encoder, "fine_channels", 0)
+        self.projector = TextPixelProjector(dim, text_dim, proj.stride, proj.kernel_size, fine)
         self.intervention = (CausalIntervention([dim] * 3, config.causal.hidden, config.causal.generator)
                              if config.causal.enabled else None)
-        self.confounder_projector = (TextPixelProjector(dim, text_dim, proj.stride, proj.kernel_size)
+        self.confounder_projector = (TextPixelProjector(dim, text_dim, proj.stride, proj.kernel_size, fine)
                                      if config.causal.enabled else None)
         self._init_prompt_side()  # set by the trainer to its data's convention
 
@@ -141,13 +143,17 @@ class CausalCLIPSeg(PromptSideRecord, nn.Module):
         image, text = image.as_subclass(torch.Tensor), text.as_subclass(torch.Tensor)
         return image.expand(-1, 3, -1, -1), text.expand(b, -1)
 
-    def _encode(self, image: torch.Tensor, text: torch.Tensor) -> tuple[list[torch.Tensor], TextFeatures]:
+    def _encode(self, image: torch.Tensor,
+                text: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor | None, TextFeatures]:
+        """-> the three levels after the neck, the stride-4 level (``projector.fine_skip``; else None), the text."""
         image, text = self._check_inputs(image, text)
-        return self.neck(self.image_encoder(image)), self.text_encoder(text)
+        levels = self.image_encoder(image)
+        fine = levels.pop(0) if self.config.projector.fine_skip else None
+        return self.neck(levels), fine, self.text_encoder(text)
 
-    def _predict(self, levels: list[torch.Tensor], text: TextFeatures, projector: TextPixelProjector,
-                 size: torch.Size) -> torch.Tensor:
-        logits = projector(self.decoder(levels, text), levels[0], text.sentence)
+    def _predict(self, levels: list[torch.Tensor], fine: torch.Tensor | None, text: TextFeatures,
+                 projector: TextPixelProjector, size: torch.Size) -> torch.Tensor:
+        logits = projector(self.decoder(levels, text), levels[0], text.sentence, fine)
         return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
 
     def forward(self, image: torch.Tensor, text: torch.Tensor | Sequence[int] | None = None) -> torch.Tensor:
@@ -166,10 +172,10 @@ class CausalCLIPSeg(PromptSideRecord, nn.Module):
             ValueError: on a wrong rank, channel count, size or batch.
             TypeError: if ``text`` is not an integer tensor.
         """
-        levels, txt = self._encode(image, text)
+        levels, fine, txt = self._encode(image, text)
         if self.intervention is not None:
             levels = self.intervention(levels).causal
-        return self._predict(levels, txt, self.projector, image.shape[-2:])
+        return self._predict(levels, fine, txt, self.projector, image.shape[-2:])
 
     @property
     def explanation_maps(self) -> tuple[str, ...]:
@@ -195,10 +201,10 @@ class CausalCLIPSeg(PromptSideRecord, nn.Module):
         """
         if self.intervention is None:
             return self(image, text)
-        levels, txt = self._encode(image, text)
+        levels, fine, txt = self._encode(image, text)
         split = self.intervention(levels)
         size = image.shape[-2:]
-        logits = self._predict(split.causal, txt, self.projector, size)
+        logits = self._predict(split.causal, fine, txt, self.projector, size)
         masks = [F.interpolate(m.mean(dim=1, keepdim=True), size=size, mode="bilinear", align_corners=False)
                  for m in split.masks]
         return torch.cat([logits, torch.stack(masks).mean(dim=0)], dim=1)
@@ -225,22 +231,22 @@ class CausalCLIPSeg(PromptSideRecord, nn.Module):
         """
         if game not in GAMES:
             raise ValueError(f"game must be one of {', '.join(GAMES)}, got {game!r}")
-        levels, txt = self._encode(image, text)
+        levels, fine, txt = self._encode(image, text)
         size = image.shape[-2:]
         if self.intervention is None:
-            return CausalCLIPSegOutput(self._predict(levels, txt, self.projector, size), None, [])
+            return CausalCLIPSegOutput(self._predict(levels, fine, txt, self.projector, size), None, [])
         split = self.intervention(levels)
-        logits = self._predict(split.causal, txt, self.projector, size)
+        logits = self._predict(split.causal, fine, txt, self.projector, size)
         if game == "reversal":
             confounding = [grad_reverse(x, reversal) for x in split.confounding]
-            return CausalCLIPSegOutput(logits, self._predict(confounding, txt, self.confounder_projector, size),
+            return CausalCLIPSegOutput(logits, self._predict(confounding, fine, txt, self.confounder_projector, size),
                                        split.masks)
-        head = self._predict([x.detach() for x in split.confounding], txt, self.confounder_projector, size)
-        trunk = self._predict_with_constant_head([grad_scale(x, reversal) for x in split.confounding], txt, size)
+        head = self._predict([x.detach() for x in split.confounding], fine, txt, self.confounder_projector, size)
+        trunk = self._predict_with_constant_head([grad_scale(x, reversal) for x in split.confounding], fine, txt, size)
         return CausalCLIPSegOutput(logits, head, split.masks, trunk_confounder_logits=trunk)
 
-    def _predict_with_constant_head(self, levels: list[torch.Tensor], text: TextFeatures,
-                                    size: torch.Size) -> torch.Tensor:
+    def _predict_with_constant_head(self, levels: list[torch.Tensor], fine: torch.Tensor | None,
+                                    text: TextFeatures, size: torch.Size) -> torch.Tensor:
         """The confounder prediction with the decoder's and confounder projector's weights (and the text) held
         constant: its gradient reaches only ``levels``, i.e. the trunk."""
         def constant(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -249,5 +255,5 @@ class CausalCLIPSeg(PromptSideRecord, nn.Module):
         txt = TextFeatures(text.words.detach(), text.sentence.detach(), text.pad_mask)
         fused = functional_call(self.decoder, constant(self.decoder), (levels, txt))
         logits = functional_call(self.confounder_projector, constant(self.confounder_projector),
-                                 (fused, levels[0], txt.sentence))
+                                 (fused, levels[0], txt.sentence, fine))
         return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)

@@ -55,10 +55,13 @@ class ProjectorConfig:
 
     stride: int = 4  # output stride of the logits before bilinear upsampling to the input; 4 or 8
     kernel_size: int = 3  # size of the dynamic kernel
+    fine_skip: bool = False  # also merge the image tower's stride-4 level (ResNet towers; needs stride 4)
 
     def __post_init__(self) -> None:
         if self.stride not in (4, 8):
             raise ValueError(f"projector.stride must be 4 or 8, got {self.stride}")
+        if self.fine_skip and self.stride != 4:
+            raise ValueError(f"projector.fine_skip merges a stride-4 level, so it needs stride 4, got {self.stride}")
         if self.kernel_size % 2 == 0:
             raise ValueError(f"projector.kernel_size must be odd, got {self.kernel_size}")
 

@@ -103,7 +103,8 @@ class CrossModalDecoder(nn.Module):
 
 
 class TextPixelProjector(nn.Module):
-    """Upsamples the fused map (with a stride-8 skip) and applies a sentence-generated dynamic kernel.
+    """Upsamples the fused map (with a stride-8 skip, and optionally a stride-4 one) and applies a
+    sentence-generated dynamic kernel.
 
     The public CausalCLIPSeg code runs this at full resolution with 256 channels (about 118 GFLOPs per
     224 px image); here it runs at stride 4 or 8 and the logits are upsampled bilinearly by the model.
@@ -113,23 +114,32 @@ class TextPixelProjector(nn.Module):
         text_dim: width of the sentence vector.
         stride: output stride, 4 or 8.
         kernel_size: size of the dynamic kernel.
+        fine_channels: channels of a stride-4 image level merged before the dynamic kernel (stride 4 only);
+            0: none.
     """
 
-    def __init__(self, dim: int, text_dim: int, stride: int, kernel_size: int) -> None:
+    def __init__(self, dim: int, text_dim: int, stride: int, kernel_size: int, fine_channels: int = 0) -> None:
         super().__init__()
         self.merge = conv_norm_act(2 * dim, dim, kernel_size=3)  # stride 8: upsampled fused map + skip
         out = dim // 2 if stride == 4 else dim
-        self.refine = conv_norm_act(dim, out, kernel_size=3)  # at the output stride
+        self.fine = conv_norm_act(fine_channels, out, kernel_size=1) if fine_channels else None
+        self.refine = conv_norm_act(dim + out if fine_channels else dim, out, kernel_size=3)  # at the output stride
         self.vis = nn.Conv2d(out, out, kernel_size=1)
         self.txt = nn.Linear(text_dim, out * kernel_size * kernel_size + 1)  # kernel weights + bias
         self.stride = stride
         self.kernel_size = kernel_size
 
-    def forward(self, fused: torch.Tensor, skip: torch.Tensor, sentence: torch.Tensor) -> torch.Tensor:
-        """fused: (B, dim, H/16, W/16), skip: (B, dim, H/8, W/8), sentence: (B, D) -> (B, 1, H/s, W/s)."""
+    def forward(self, fused: torch.Tensor, skip: torch.Tensor, sentence: torch.Tensor,
+                fine: torch.Tensor | None = None) -> torch.Tensor:
+        """fused: (B, dim, H/16, W/16), skip: (B, dim, H/8, W/8), sentence: (B, D), fine: (B, fine_channels, H/4,
+        W/4) when built with a stride-4 skip, else None -> (B, 1, H/s, W/s)."""
+        if (fine is None) != (self.fine is None):
+            raise ValueError("the stride-4 level must be given exactly when the projector was built with one")
         x = F.interpolate(fused, size=skip.shape[-2:], mode="bilinear", align_corners=False)
         x = self.merge(torch.cat([x, skip], dim=1))
         x = F.interpolate(x, scale_factor=8 / self.stride, mode="bilinear", align_corners=False)
+        if self.fine is not None:
+            x = torch.cat([x, self.fine(fine)], dim=1)
         x = self.vis(self.refine(x))  # (B, C, h, w)
         b, c, h, w = x.shape
         params = self.txt(sentence)  # (B, C*k*k + 1)

@@ -30,21 +30,23 @@ def _resize_grid_embedding(pos: torch.Tensor, grid: tuple[int, int]) -> torch.Te
 
 
 class ResNetImageEncoder(nn.Module):
-    """Levels C3, C4, C5 (strides 8, 16, 32) of a CLIP ModifiedResNet.
+    """Levels C3, C4, C5 (strides 8, 16, 32) of a CLIP ModifiedResNet, and C2 (stride 4) first when ``fine``.
 
     C5 is the attention-pool output kept spatial (every token queries, not only the mean token, as in
     CRIS), with the pool's position embedding resized to the input, so any multiple of 32 works.
     """
 
-    def __init__(self, visual: ModifiedResNet) -> None:
+    def __init__(self, visual: ModifiedResNet, fine: bool = False) -> None:
         super().__init__()
         self.visual = visual
+        self.fine = fine
         pool = visual.attnpool
         self.out_channels = (
             visual.layer2[-1].conv3.out_channels,
             visual.layer3[-1].conv3.out_channels,
             pool.c_proj.out_features,
         )
+        self.fine_channels = visual.layer1[-1].conv3.out_channels if fine else 0
 
     def _spatial_attnpool(self, x: torch.Tensor) -> torch.Tensor:
         pool = self.visual.attnpool
@@ -63,13 +65,14 @@ class ResNetImageEncoder(nn.Module):
         return x[1:].permute(1, 2, 0).reshape(b, -1, h, w)  # (B, D, H, W)
 
     def forward(self, image: torch.Tensor) -> list[torch.Tensor]:
-        """image: (B, 3, H, W) -> [C3 (B, c3, H/8, W/8), C4 (B, c4, H/16, W/16), C5 (B, c5, H/32, W/32)]."""
+        """image: (B, 3, H, W) -> [C3 (B, c3, H/8, W/8), C4 (B, c4, H/16, W/16), C5 (B, c5, H/32, W/32)], preceded
+        by C2 (B, c2, H/4, W/4) when ``fine``."""
         v = self.visual
-        x = v.layer1(v.stem(image.to(v.conv1.weight.dtype)))
-        c3 = v.layer2(x)
+        c2 = v.layer1(v.stem(image.to(v.conv1.weight.dtype)))
+        c3 = v.layer2(c2)
         c4 = v.layer3(c3)
         c5 = self._spatial_attnpool(v.layer4(c4))
-        return [c3, c4, c5]
+        return [c2, c3, c4, c5] if self.fine else [c3, c4, c5]
 
 
 class ViTImageEncoder(nn.Module):
@@ -120,15 +123,18 @@ class ViTImageEncoder(nn.Module):
         return [c3, c4, c5]
 
 
-def build_image_encoder(visual: nn.Module, vit_feature_blocks: tuple[int, int]) -> nn.Module:
-    """Wrap an open_clip image tower.
+def build_image_encoder(visual: nn.Module, vit_feature_blocks: tuple[int, int], fine: bool = False) -> nn.Module:
+    """Wrap an open_clip image tower; ``fine``: also return its stride-4 level (ResNet towers only).
 
     Raises:
         TypeError: for towers other than ModifiedResNet and VisionTransformer.
+        ValueError: for ``fine`` with a ViT tower, which has no stride-4 level.
     """
     if isinstance(visual, ModifiedResNet):
-        return ResNetImageEncoder(visual)
+        return ResNetImageEncoder(visual, fine)
     if isinstance(visual, VisionTransformer):
+        if fine:
+            raise ValueError("projector.fine_skip needs a ResNet image tower; a ViT has no stride-4 level")
         return ViTImageEncoder(visual, vit_feature_blocks)
     raise TypeError(f"unsupported open_clip image tower {type(visual).__name__}; use a ResNet or ViT CLIP")
 
