@@ -101,7 +101,7 @@ class CausalCLIPSeg(PromptSideRecord, nn.Module):
         self.neck = LevelNeck(self.image_encoder.out_channels, dim)
         self.decoder = CrossModalDecoder(dim, text_dim, dec.sentence_gate, dec.num_layers, dec.num_heads,
                                          dec.ffn_dim, dec.dropout)
-        fine = getattr(self.image_encoder, "fine_channels", 0)
+        fine = self.image_encoder.fine_channels
         self.projector = TextPixelProjector(dim, text_dim, proj.stride, proj.kernel_size, fine)
         self.intervention = (CausalIntervention([dim] * 3, config.causal.hidden, config.causal.generator)
                              if config.causal.enabled else None)
@@ -148,7 +148,7 @@ class CausalCLIPSeg(PromptSideRecord, nn.Module):
         """-> the three levels after the neck, the stride-4 level (``projector.fine_skip``; else None), the text."""
         image, text = self._check_inputs(image, text)
         levels = self.image_encoder(image)
-        fine = levels.pop(0) if self.config.projector.fine_skip else None
+        fine = levels.pop(0) if self.image_encoder.fine_channels else None
         return self.neck(levels), fine, self.text_encoder(text)
 
     def _predict(self, levels: list[torch.Tensor], fine: torch.Tensor | None, text: TextFeatures,

@@ -39,14 +39,13 @@ class ResNetImageEncoder(nn.Module):
     def __init__(self, visual: ModifiedResNet, fine: bool = False) -> None:
         super().__init__()
         self.visual = visual
-        self.fine = fine
         pool = visual.attnpool
         self.out_channels = (
             visual.layer2[-1].conv3.out_channels,
             visual.layer3[-1].conv3.out_channels,
             pool.c_proj.out_features,
         )
-        self.fine_channels = visual.layer1[-1].conv3.out_channels if fine else 0
+        self.fine_channels = visual.layer1[-1].conv3.out_channels if fine else 0  # C2's; 0: not returned
 
     def _spatial_attnpool(self, x: torch.Tensor) -> torch.Tensor:
         pool = self.visual.attnpool
@@ -72,7 +71,7 @@ class ResNetImageEncoder(nn.Module):
         c3 = v.layer2(c2)
         c4 = v.layer3(c3)
         c5 = self._spatial_attnpool(v.layer4(c4))
-        return [c2, c3, c4, c5] if self.fine else [c3, c4, c5]
+        return [c2, c3, c4, c5] if self.fine_channels else [c3, c4, c5]
 
 
 class ViTImageEncoder(nn.Module):
@@ -95,6 +94,7 @@ class ViTImageEncoder(nn.Module):
         self.feature_blocks = tuple(feature_blocks)
         width = visual.conv1.out_channels
         self.out_channels = (width, width, visual.output_dim)
+        self.fine_channels = 0  # no stride-4 level
 
     def forward(self, image: torch.Tensor) -> list[torch.Tensor]:
         """image: (B, 3, H, W) -> three maps at strides 8, 16, 32 (see class docstring)."""
