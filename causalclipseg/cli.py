@@ -189,7 +189,7 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     """Train (or resume) a model on a dataset."""
     if (error := _register_model_configs(argv)) is not None:
         return _fail(error)
-    from .training.trainer import TrainConfig, train
+    from .training.config import TrainConfig
     parser = _parser(
         "train",
         "Train CausalCLIPSeg with the adversarial min-max step; validates every --val-every epochs, "
@@ -201,6 +201,7 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     args = vars(parser.parse_args(argv))
     del args["model_config"]  # registered above
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    from .training.trainer import train
     try:
         best = train(TrainConfig(**args))
     except USER_ERRORS as err:
@@ -268,7 +269,7 @@ def evaluate_main(argv: Sequence[str] | None = None) -> int:
 def compare_main(argv: Sequence[str] | None = None) -> int:
     """Train every comparison arm with the same data and budget and tabulate their validation scores."""
     from .experiments.compare import ARMS, compare, format_table
-    from .training.trainer import TrainConfig
+    from .training.config import TrainConfig
     parser = _parser(
         "compare",
         "Side by side, same data and budget: " + "; ".join(f"{k}: {a.label}" for k, a in ARMS.items())
