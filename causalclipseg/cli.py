@@ -63,6 +63,12 @@ def _model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
 
 
+def _flip_tta_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--flip-tta", action="store_true",
+                        help="average each prediction with the one made on the image mirrored left-right under the "
+                             "prompt with its sides swapped (flip test-time augmentation; twice the inference time)")
+
+
 def predict_main(argv: Sequence[str] | None = None) -> int:
     """Segment image files or folders with a prompt; writes ``<name>_mask.*`` and ``<name>_overlay.png``."""
     if (error := _register_model_configs(argv)) is not None:
@@ -93,6 +99,7 @@ def predict_main(argv: Sequence[str] | None = None) -> int:
                         help="also write <name>_probability.nii.gz (the lesion probability) and, for a model with "
                              "a causal module, <name>_causal_mask.nii.gz (what it kept, averaged over its levels), "
                              "float32 in [0, 1] on the input's grid")
+    _flip_tta_arg(parser)
     parser.add_argument("--dicom-seg", action="store_true",
                         help="also write <name>_seg.dcm: the mask as a DICOM Segmentation (highdicom) referencing the "
                              "source instances, on their pixel grid, its segment labelled with the prompt; DICOM "
@@ -109,7 +116,7 @@ def predict_main(argv: Sequence[str] | None = None) -> int:
     try:
         text = read_prompt(args.prompt, args.prompt_file, "--prompt-file")
         predictor = Predictor(args.model, args.checkpoint, device=args.device, threshold=args.threshold,
-                              prompt_side=args.prompt_side)
+                              prompt_side=args.prompt_side, flip_tta=args.flip_tta)
         model_tokens(predictor.model, text, args.prompt_side)
     except USER_ERRORS as err:
         return _fail(str(err))
@@ -227,6 +234,7 @@ def evaluate_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--mirror", action="store_true",
                         help="mirror every image and mask left-right and swap the prompts' sides with them (mirror "
                              "equivariance: a model that learned its flip augmentation scores as without it)")
+    _flip_tta_arg(parser)
     parser.add_argument("--causal-stats", action="store_true",
                         help="also measure the causal masks (mean, kept on lesion vs background) and the confounder "
                              "head's Dice")
@@ -242,15 +250,16 @@ def evaluate_main(argv: Sequence[str] | None = None) -> int:
     try:
         model = load_trained_model(args.model, args.checkpoint, device=args.device)
         loader = split_loader(model, args.data, args.split, args.batch_size, args.max_images, args.prompt_transform,
-                              mirror=args.mirror)
+                              mirror=args.mirror, flip_tta=args.flip_tta)
         device = next(model.parameters()).device
-        scores = evaluate_model(model, loader, device, progress=True)
+        scores = evaluate_model(model, loader, device, progress=True, flip_tta=args.flip_tta)
         summary = scores.summary(n_resamples=args.bootstrap)
         by_extent = {group: scores.summary(n_resamples=args.bootstrap, group=group) for group in scores.groups}
         causal = causal_statistics(model, loader, device, progress=True) if args.causal_stats else None
     except USER_ERRORS as err:
         return _fail(str(err))
-    print(f"{args.split} ({args.prompt_transform} prompts{', mirrored' if args.mirror else ''}): {summary}")
+    print(f"{args.split} ({args.prompt_transform} prompts{', mirrored' if args.mirror else ''}"
+          f"{', flip TTA' if args.flip_tta else ''}): {summary}")
     for group, group_summary in by_extent.items():
         print(f"  {group} captions: {group_summary}")
     if causal is not None:
@@ -259,7 +268,8 @@ def evaluate_main(argv: Sequence[str] | None = None) -> int:
         scores.to_csv(args.csv)
     if args.json:
         Path(args.json).write_text(json.dumps({"split": args.split, "prompt_transform": args.prompt_transform,
-                                               "mirror": args.mirror, "model": args.model, **summary.to_dict(),
+                                               "mirror": args.mirror, "flip_tta": args.flip_tta,
+                                               "model": args.model, **summary.to_dict(),
                                                **(causal.to_dict() if causal else {}),
                                                "by_extent": {g: v.to_dict() for g, v in by_extent.items()}},
                                               indent=2))

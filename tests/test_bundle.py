@@ -380,6 +380,31 @@ def test_bundle_and_predictor_run_one_path_to_the_same_masks(data, tmp_path):
     assert (pooled == threshold).any()
 
 
+@pytest.mark.slow
+def test_bundle_flip_tta_is_the_predictors(data, tmp_path):
+    """``flip_tta`` in the bundle (mirrored token ids from ``ModelTokensd``, a third network input through
+    ``prepare_batch``, ``MirrorAveraged`` around the network) writes the masks of the Predictor's ``flip_tta``, on a
+    picture and on a volume (mirrored slice batch by slice batch); at that threshold the plain masks differ."""
+    kinds = ("png", "series")
+    predictor = Predictor(DEFAULT_MODEL, data["ckpt"], device="cpu", flip_tta=True)
+    pooled = np.concatenate([predictor.predict(data[k], PROMPT_A).probability.ravel() for k in kinds])
+    threshold = float(np.quantile(pooled, 0.5, method="lower"))
+    predictor.configure(threshold, "patient", flip_tta=True)
+    plain = Predictor(DEFAULT_MODEL, data["ckpt"], device="cpu", threshold=threshold)
+    datalist = tmp_path / "inputs.json"
+    datalist.write_text(json.dumps({"testing": [{"image": str(data[k])} for k in kinds]}))
+    _ok(_infer(data["ckpt"], "--input", str(datalist), "--output_dir", str(tmp_path / "out"), "--prompt", PROMPT_A,
+               "--threshold", repr(threshold), "--flip_tta", "True"))
+    differs = []
+    for kind in kinds:
+        written = nib.load(tmp_path / "out" / f"{data[kind].name.split('.')[0]}_mask.nii.gz").get_fdata()
+        mask = predictor.predict(data[kind], PROMPT_A).mask
+        assert 0 < mask.mean() < 1, kind
+        np.testing.assert_array_equal(written.reshape(mask.shape), mask, err_msg=kind)
+        differs.append(bool((plain.predict(data[kind], PROMPT_A).mask != mask).any()))
+    assert all(differs), differs
+
+
 def test_list_inputs_treats_a_dicom_series_as_one_volume(data):
     assert list_inputs(data["series"]) == [{"image": str(data["series"])}]
     assert {Path(r["image"]).name for r in list_inputs(data["png"].parent)} == {"patient1.png", "patient2.dcm"}

@@ -286,6 +286,22 @@ def test_result_map_of_a_causal_model_answers_its_causal_mask_too(data, request_
         srv.stop()
 
 
+def test_flip_tta_answers_what_predict_flip_tta_gives(server, data):
+    """``flip_tta`` per request (``/info`` offers the bundle's default, off): the answer's probability map is the
+    one ``causalclipseg predict --flip-tta --explain`` writes, which differs from the plain one."""
+    client = server.client(server.root / "c_flip")
+    assert client.info()["models"][MODEL]["config"]["flip_tta"] is False
+    maps = {flip: Predictor(DEFAULT_MODEL, data["checkpoint"], device="cpu", flip_tta=flip).predict(
+        data["xray1"], PROMPT_A, explain=True).maps["probability"] for flip in (False, True)}
+    for flip in (True, "true", False):
+        label, params = client.infer(MODEL, "xray1", {"prompt": PROMPT_A, "result_map": "probability",
+                                                      "flip_tta": flip})
+        expected = maps[str(flip).lower() == "true"]
+        answer = np.asarray(nib.load(label).dataobj).reshape(expected.shape)
+        np.testing.assert_allclose(answer, expected, rtol=0, atol=1e-5, err_msg=str(flip))
+    assert np.abs(maps[True] - maps[False]).max() > 1e-4
+
+
 def _label_on_grid(label: str, source: Path) -> np.ndarray:
     """The label's values, checked to lie on ``source``'s grid (a PNG's rows and columns, a NIfTI's shape and
     affine) with values in {0, 1}."""
@@ -345,6 +361,7 @@ def test_results_survive_a_client_sharing_the_server_temp_folder(server, data, m
      f"mask, probability"),
     ({"prompt": PROMPT_A, "result_map": "probability", "result_extension": ".png"}, "xray1", 400,
      "result_map probability is a float32 map, which a PNG cannot hold"),
+    ({"prompt": PROMPT_A, "flip_tta": "maybe"}, "xray1", 400, "flip_tta must be true or false, got 'maybe'"),
     ({"prompt": PROMPT_A}, "upload:broken.png", 400, "cannot read the uploaded .png image"),
     ({"prompt": PROMPT_A}, "nosuchimage", 404, "'nosuchimage' is neither an image id of the datastore"),
 ])

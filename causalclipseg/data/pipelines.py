@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from monai.transforms import (
     Compose,
+    CopyItemsd,
     EnsureChannelFirstd,
     EnsureTyped,
     LoadImaged,
@@ -163,7 +164,7 @@ def get_train_transforms(image_size: int = 224, context_length: int = 32, augmen
 
 
 def get_val_transforms(image_size: int = 224, context_length: int = 32, prompt_transform: str = "none",
-                       mirror: bool = False) -> Compose:
+                       mirror: bool = False, mirrored_text: bool = False) -> Compose:
     """Evaluation transforms for records ``{"image", "label", "prompt"}``; deterministic (the loading is cacheable).
 
     Args:
@@ -174,11 +175,16 @@ def get_val_transforms(image_size: int = 224, context_length: int = 32, prompt_t
         mirror: mirror every image and mask left-right and swap the prompt's sides with them (what
             :class:`RandLateralFlipd` does to half the training samples): a model that learned the flip scores
             the same as without it (mirror equivariance).
+        mirrored_text: also give ``mirrored_text``, the token ids of the (transformed) prompt with its sides
+            swapped, for flip test-time augmentation (:class:`~causalclipseg.inference.tta.MirrorAveraged`).
 
     Raises:
         ValueError: if ``prompt_transform`` is not a registered name.
     """
     keys = ("image", "label")
     flip = [RandLateralFlipd(keys, prompt_key="prompt", prob=1.0)] if mirror else []
-    return Compose(get_load_transforms(image_size, keys) + flip + _finish_transforms(keys, context_length,
-                                                                                      prompt_transform))
+    mirrored = [CopyItemsd("prompt", names="mirrored_prompt"), PromptTransformd("mirrored_prompt", "swap"),
+                TokenizeTextd("mirrored_prompt", output_key="mirrored_text", context_length=context_length,
+                              allow_empty=prompt_transform == "empty")] if mirrored_text else []
+    return Compose(get_load_transforms(image_size, keys) + flip
+                   + _finish_transforms(keys, context_length, prompt_transform) + mirrored)

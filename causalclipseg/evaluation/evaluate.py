@@ -24,6 +24,7 @@ from ..data.pipelines import get_val_transforms
 from ..data.prompts import infection_extent
 from ..factory import DEFAULT_MODEL
 from ..inference.predictor import load_trained_model
+from ..inference.tta import MirrorAveraged
 from ..io.writers import atomic_write
 from .metrics import SegmentationScores
 
@@ -34,9 +35,10 @@ logger = logging.getLogger(__name__)
 
 def split_loader(model: nn.Module, data: str | os.PathLike, split: str, batch_size: int = 16,
                  max_images: int | None = None, prompt_transform: str = "none", mirror: bool = False,
-                 num_workers: int = 0) -> DataLoader:
+                 num_workers: int = 0, flip_tta: bool = False) -> DataLoader:
     """A dataset split's records for ``model``: captions read in the convention the model learned, images through
-    the validation transforms of training (with a prompt transform, or mirrored with their prompts' sides swapped).
+    the validation transforms of training (with a prompt transform, or mirrored with their prompts' sides swapped;
+    with ``flip_tta`` also the mirrored prompts' token ids that :func:`evaluate_model` then needs).
     Each record carries its caption's ``extent`` (:func:`~causalclipseg.data.prompts.infection_extent`, read before
     any prompt transform), by which :func:`evaluate_model` groups its scores.
 
@@ -49,7 +51,7 @@ def split_loader(model: nn.Module, data: str | os.PathLike, split: str, batch_si
     if not records:
         raise ValueError(f"dataset {data} has no {split!r} records to evaluate")
     transforms = get_val_transforms(model.config.image_size, model.tokenizer.context_length, prompt_transform,
-                                    mirror=mirror)
+                                    mirror=mirror, mirrored_text=flip_tta)
     return DataLoader(Dataset(records, transforms), batch_size=batch_size, num_workers=num_workers)
 
 
@@ -62,17 +64,28 @@ def _names(batch: dict, size: int) -> list[str]:
 
 @torch.no_grad()
 def evaluate_model(model: nn.Module, loader: DataLoader, device: torch.device,
-                   progress: bool = False) -> SegmentationScores:
+                   progress: bool = False, flip_tta: bool = False) -> SegmentationScores:
     """Score ``model`` (``forward(image, text) -> logits``) on batches with ``image``, ``text`` and ``label``.
+
+    With ``flip_tta`` each prediction is averaged with the one on the mirrored image under the mirrored prompt
+    (:class:`~causalclipseg.inference.tta.MirrorAveraged`), whose token ids the batches then hold as
+    ``mirrored_text`` (:func:`split_loader` with ``flip_tta``).
 
     Returns:
         a filled :class:`~causalclipseg.evaluation.metrics.SegmentationScores` (per-image rows named by file, grouped
         by the batches' ``extent`` where they have one, as :func:`split_loader`'s do).
+
+    Raises:
+        ValueError: with ``flip_tta``, for batches without ``mirrored_text``.
     """
     model.eval()
+    network, text_keys = (MirrorAveraged(model), ("text", "mirrored_text")) if flip_tta else (model, ("text",))
     scores = SegmentationScores()
     for batch in tqdm(loader, desc="evaluate", disable=not progress, leave=False):
-        logits = model(batch["image"].to(device), batch["text"].to(device))
+        if not set(text_keys) <= set(batch):
+            raise ValueError("flip_tta needs batches with 'mirrored_text' (split_loader(..., flip_tta=True) makes "
+                             "them)")
+        logits = network(batch["image"].to(device), *(batch[key].to(device) for key in text_keys))
         scores.update(torch.sigmoid(logits).float().cpu(), batch["label"], names=_names(batch, len(logits)),
                       groups=batch.get("extent"))
     return scores
@@ -141,7 +154,7 @@ def causal_statistics(model: nn.Module, loader: DataLoader, device: torch.device
 def evaluate_checkpoint(checkpoint: str | os.PathLike, dataset_dir: str | os.PathLike, split: str = "test",
                         output_dir: str | os.PathLike | None = None, model_name: str = DEFAULT_MODEL,
                         batch_size: int = 16, max_images: int | None = None, device: str | torch.device = "auto",
-                        num_workers: int = 0, n_resamples: int = 1000) -> dict[str, float]:
+                        num_workers: int = 0, n_resamples: int = 1000, flip_tta: bool = False) -> dict[str, float]:
     """Score weights on a dataset split under both metric protocols with the package's evaluation: ``evaluate.json``'s
     ``run``, and MONAI Label's comparison of served and fine-tuned weights on held-out pairs.
 
@@ -162,6 +175,8 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, dataset_dir: str | os.Pat
         device: ``auto``, ``cpu``, ``cuda`` ... or a ``torch.device``.
         num_workers: data-loader worker processes.
         n_resamples: bootstrap resamples for the intervals (0: none).
+        flip_tta: average each prediction with the one on the mirrored image under the mirrored prompt
+            (:class:`~causalclipseg.inference.tta.MirrorAveraged`).
 
     Returns:
         the flat summary (``per_image/dice``, ``dataset_level/dice``, ... and ``n_images``).
@@ -171,8 +186,9 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, dataset_dir: str | os.Pat
         ValueError: for an unusable checkpoint, device or dataset, or a split without records.
     """
     model = load_trained_model(model_name, checkpoint, device=str(device))
-    loader = split_loader(model, dataset_dir, split, batch_size, max_images, num_workers=num_workers)
-    scores = evaluate_model(model, loader, next(model.parameters()).device)
+    loader = split_loader(model, dataset_dir, split, batch_size, max_images, num_workers=num_workers,
+                          flip_tta=flip_tta)
+    scores = evaluate_model(model, loader, next(model.parameters()).device, flip_tta=flip_tta)
     summary = scores.summary(n_resamples=n_resamples)
     logger.info("evaluation of %s on the %s split of %s: %s", checkpoint, split, dataset_dir, summary)
     if output_dir is not None:

@@ -44,7 +44,8 @@ from ..io.reader import LoadSegmentableImaged
 from ..io.writers import atomic_write, extra_files, mask_files, overlay, write_dicom, write_mask, write_nifti
 from ..model.causalclipseg import CausalCLIPSeg
 from .inferer import SliceWiseInferer
-from .prompts import WarnUnverifiableSided, model_tokens
+from .prompts import WarnUnverifiableSided, mirrored_model_tokens, model_tokens
+from .tta import MirrorAveraged
 
 logger = logging.getLogger(__name__)
 
@@ -165,6 +166,8 @@ class Predictor:
         threshold: probability from which a voxel is lesion (``>=``, MONAI's ``AsDiscrete``, as the bundle).
         batch_size: slices per forward pass for volumes.
         prompt_side: whose left the prompts' "left" is: ``patient`` or ``viewer``.
+        flip_tta: average each prediction with the one on the mirrored input under the mirrored prompt
+            (:class:`~causalclipseg.inference.tta.MirrorAveraged`; twice the inference time).
 
     Raises:
         ValueError: for an unknown model, a bad device, threshold, batch size or prompt side, or missing default
@@ -173,8 +176,8 @@ class Predictor:
 
     def __init__(self, model: str = DEFAULT_MODEL, checkpoint: str | os.PathLike | None = None,
                  pretrained: str | None = None, device: str = "auto", threshold: float = 0.5,
-                 batch_size: int = 8, prompt_side: str = "patient") -> None:
-        self.configure(threshold, prompt_side)
+                 batch_size: int = 8, prompt_side: str = "patient", flip_tta: bool = False) -> None:
+        self.configure(threshold, prompt_side, flip_tta)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.model = load_trained_model(model, checkpoint, pretrained, device)
@@ -185,9 +188,9 @@ class Predictor:
                                         progress=sys.stderr.isatty())  # no progress bar in redirected logs
         self.postprocessing = inference_postprocessing(self.preprocessing)
 
-    def configure(self, threshold: float, prompt_side: str) -> None:
-        """Set the threshold and the prompt side of later predictions; the loaded model is kept (``causalclipseg
-        worker`` serves requests that differ in them with one model).
+    def configure(self, threshold: float, prompt_side: str, flip_tta: bool = False) -> None:
+        """Set the threshold, the prompt side and the flip test-time augmentation of later predictions; the loaded
+        model is kept (``causalclipseg worker`` serves requests that differ in them with one model).
 
         Raises:
             ValueError: for a threshold outside (0, 1) or an unknown prompt side.
@@ -195,7 +198,7 @@ class Predictor:
         prompt_side = check_prompt_side(prompt_side)
         if not 0.0 < threshold < 1.0:
             raise ValueError(f"threshold must be in (0, 1), got {threshold}")
-        self.threshold, self.prompt_side = threshold, prompt_side
+        self.threshold, self.prompt_side, self.flip_tta = threshold, prompt_side, bool(flip_tta)
 
     @torch.no_grad()
     def predict(self, path: str | os.PathLike, prompt: str, explain: bool = False) -> Prediction:
@@ -213,11 +216,14 @@ class Predictor:
             ValueError: if the prompt is empty, or the file cannot be read or segmented.
         """
         path = Path(path)
-        tokens = model_tokens(self.model, prompt, self.prompt_side).to(self.device)  # before any file work
+        tokens = [model_tokens(self.model, prompt, self.prompt_side).to(self.device)]  # before any file work
+        network = self.model.explain if explain else self.model
+        if self.flip_tta:
+            tokens.append(mirrored_model_tokens(self.model, prompt, self.prompt_side).to(self.device))
+            network = MirrorAveraged(network)
         data = _apply(self.preprocessing, {"image": str(path), "prompt": prompt})  # (1, X, Y[, Z]), displayed
         try:
-            network = self.model.explain if explain else self.model
-            data["pred"] = self.inferer(data["image"][None], network, tokens)[0]  # (1 or 2, X, Y[, Z]) logits
+            data["pred"] = self.inferer(data["image"][None], network, *tokens)[0]  # (1 or 2, X, Y[, Z]) logits
             data = _apply(self.postprocessing, data)  # probabilities (and the causal mask) on the input's grid
         except (RuntimeError, MemoryError) as err:  # e.g. out of memory: one line naming the file, cause chained
             raise ValueError(f"cannot segment {path}: {type(err).__name__}: {_one_line(err)}") from err

@@ -11,10 +11,11 @@ from monai.config import KeysCollection
 from monai.transforms import MapTransform
 from torch import nn
 
-from ..data.prompts import check_prompt_side, names_a_side, to_model_side
+from ..data.prompts import check_prompt_side, names_a_side, swap_laterality, to_model_side
 from ..io.orientation import GEOMETRY_KEY
 
-__all__ = ["ModelTokensd", "WarnUnverifiableSided", "model_tokens", "warn_if_side_unverifiable"]
+__all__ = ["ModelTokensd", "WarnUnverifiableSided", "mirrored_model_tokens", "model_tokens",
+           "warn_if_side_unverifiable"]
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +33,13 @@ def model_tokens(model: nn.Module, prompt: str, prompt_side: str = "patient") ->
     return model.tokenize(to_model_side(prompt, prompt_side, model.prompt_side))
 
 
+def mirrored_model_tokens(model: nn.Module, prompt: str, prompt_side: str = "patient") -> torch.Tensor:
+    """:func:`model_tokens` of what ``prompt`` says about the image mirrored left-right: its "left" and "right"
+    swapped (:func:`~causalclipseg.data.prompts.swap_laterality`), as flip test-time augmentation
+    (:class:`~causalclipseg.inference.tta.MirrorAveraged`) needs."""
+    return model_tokens(model, swap_laterality(prompt), prompt_side)
+
+
 class ModelTokensd(MapTransform):
     """Pre-transform: the prompt's token ids for ``model`` under ``output_key`` (``(L,)`` int64), so that the
     evaluator hands them to the inferer with each image (``PrepareBatchExtraInput``).
@@ -46,16 +54,18 @@ class ModelTokensd(MapTransform):
         prompt_side: whose left the prompt's "left" is: ``patient`` (default) or ``viewer``.
         prompt_key: where the data may hold a prompt.
         output_key: where the token ids go.
+        mirrored_key: where the token ids of the prompt with its sides swapped go (what the mirrored image shows,
+            for :class:`~causalclipseg.inference.tta.MirrorAveraged`); ``None``: not made.
 
     Raises:
         ValueError, TypeError: for an unknown side or a prompt the tokenizer refuses.
     """
 
     def __init__(self, model: nn.Module, prompt: str | None = None, prompt_side: str = "patient",
-                 prompt_key: str = "prompt", output_key: str = "text") -> None:
+                 prompt_key: str = "prompt", output_key: str = "text", mirrored_key: str | None = None) -> None:
         super().__init__(prompt_key, allow_missing_keys=True)
         self.model, self.prompt, self.prompt_side = model, prompt, check_prompt_side(prompt_side)
-        self.prompt_key, self.output_key = prompt_key, output_key
+        self.prompt_key, self.output_key, self.mirrored_key = prompt_key, output_key, mirrored_key
         if prompt is not None:
             model.tokenize(prompt)
         self._cache: dict[tuple[str, str], torch.Tensor] = {}
@@ -67,8 +77,11 @@ class ModelTokensd(MapTransform):
             raise ValueError(f"no prompt: the data have no {self.prompt_key!r} and none was configured")
         key = (prompt, self.model.prompt_side)
         if key not in self._cache:
-            self._cache = {key: model_tokens(self.model, prompt, self.prompt_side)[0]}
-        d[self.output_key] = self._cache[key]
+            self._cache = {key: (model_tokens(self.model, prompt, self.prompt_side)[0],
+                                 mirrored_model_tokens(self.model, prompt, self.prompt_side)[0])}
+        d[self.output_key], mirrored = self._cache[key]
+        if self.mirrored_key is not None:
+            d[self.mirrored_key] = mirrored
         return d
 
 

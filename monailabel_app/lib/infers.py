@@ -56,7 +56,8 @@ from monailabel.utils.others.generic import device_map, name_to_device, strtoboo
 from causalclipseg.data.prompts import check_prompt_side
 from causalclipseg.factory import load_state_dict
 from causalclipseg.inference.predictor import SplitExplanationd, inference_ready
-from causalclipseg.inference.prompts import ModelTokensd, model_tokens
+from causalclipseg.inference.prompts import ModelTokensd, mirrored_model_tokens, model_tokens
+from causalclipseg.inference.tta import MirrorAveraged
 from causalclipseg.io.inputs import PICTURE_SUFFIXES, file_suffix, list_inputs
 from causalclipseg.io.writers import EXPLANATION_MAPS, SaveMaskd, write_mask, write_nifti
 from causalclipseg.tokenizer import validate_prompt
@@ -101,7 +102,8 @@ class PromptTokensd:
 
     ``data["prompt"]`` must be text the tokenizer takes; ``data["prompt_side"]`` (``patient``, the default, or
     ``viewer``: whose left the prompt's "left" is); ``data["threshold"]`` -> float in (0, 1); ``data["result_map"]``
-    (``mask``, the default, or an explanation map: :data:`RESULT_MAPS`). The token ids are made when the served
+    (``mask``, the default, or an explanation map: :data:`RESULT_MAPS`); ``data["flip_tta"]`` -> bool (``true`` or
+    ``false``, as a JSON boolean or text; missing: ``false``). The token ids are made when the served
     network is known (:meth:`TextPromptSegmentation._get_network`), in its weights' convention.
 
     Args:
@@ -109,7 +111,7 @@ class PromptTokensd:
 
     Raises:
         BadRequestError: for a prompt that is not text or is empty, an unknown prompt side, a threshold outside
-            (0, 1), an unknown result map, or a map asked for as a PNG.
+            (0, 1), an unknown result map, a map asked for as a PNG, or a flip_tta that is not true or false.
     """
 
     def __init__(self, tokenize: Callable[[str], torch.Tensor]) -> None:
@@ -136,6 +138,10 @@ class PromptTokensd:
             d["threshold"] = float("nan")
         if not 0.0 < d["threshold"] < 1.0:
             raise BadRequestError(f"threshold must be a number in (0, 1), got {threshold!r}")
+        flip_tta = d.get("flip_tta", False)
+        if str(flip_tta).lower() not in ("true", "false"):
+            raise BadRequestError(f"flip_tta must be true or false, got {flip_tta!r}")
+        d["flip_tta"] = str(flip_tta).lower() == "true"
         result_map = d.get("result_map")
         if isinstance(result_map, (list, tuple)):  # the config's list of choices, sent back as it is: its first
             result_map = result_map[0] if result_map else None
@@ -176,7 +182,8 @@ class TextPromptSegmentation(BundleInferTask):
 
     Config (``/info``, settable per request): ``prompt`` (default: the bundle's, or ``--conf prompt``),
     ``threshold`` (default: the bundle's), ``device`` (``auto``, ``cpu``, ``cuda``), ``result_map`` (``mask``, or one of
-    the served model's ``explanation_maps``: which volume the answer's file holds), and MONAI Label's
+    the served model's ``explanation_maps``: which volume the answer's file holds), ``flip_tta`` (default: the
+    bundle's; the prediction averaged with the one on the mirrored image under the mirrored prompt), and MONAI Label's
     ``result_extension`` (``.png`` for a picture's mask, ``.nii.gz`` otherwise; also ``.nii`` and ``.nrrd``).
 
     Args:
@@ -210,7 +217,8 @@ class TextPromptSegmentation(BundleInferTask):
         PromptTokensd(self.network.tokenize)({"prompt": default_prompt, "threshold": 0.5})  # fail at start
         self._config.update({"prompt": default_prompt, "prompt_side": ["patient", "viewer"],
                              "threshold": float(self.bundle_config["threshold"]),
-                             "result_map": ["mask", *self.network.explanation_maps]})
+                             "result_map": ["mask", *self.network.explanation_maps],
+                             "flip_tta": bool(self.bundle_config.get("flip_tta", False))})
 
         parsed = self.bundle_config.get_parsed_content
         pre = parsed(self.const.key_preprocessing()[0])
@@ -271,7 +279,9 @@ class TextPromptSegmentation(BundleInferTask):
     def _get_network(self, device, data):
         """The network for ``device`` with the request's tokens bound (shared by concurrent requests): the prompt
         translated to the laterality convention of the weights served (a fine-tuned file records its own); for an
-        explanation map (``result_map``), the model's ``explain`` (the logits, and a causal module's mask).
+        explanation map (``result_map``), the model's ``explain`` (the logits, and a causal module's mask); with
+        ``flip_tta``, that averaged with itself on the mirrored slices under the mirrored prompt
+        (:class:`~causalclipseg.inference.tta.MirrorAveraged`).
 
         Raises:
             BadRequestError: for an explanation map the served model does not give (a causal mask from a model
@@ -279,7 +289,7 @@ class TextPromptSegmentation(BundleInferTask):
         """
         network, path = self._network(device)
         data["weights"] = os.path.basename(path)
-        tokens = model_tokens(network, data["prompt"], data["prompt_side"])
+        tokens = {"text": model_tokens(network, data["prompt"], data["prompt_side"]).to(torch.device(device))}
         forward = network
         result_map = data.get("result_map", "mask")
         if result_map != "mask":
@@ -288,7 +298,11 @@ class TextPromptSegmentation(BundleInferTask):
                                       f"{self.bundle_config['model_name']!r} has none: ask for "
                                       f"{', '.join(['mask', *network.explanation_maps])}")
             forward = network.explain
-        return functools.partial(forward, text=tokens.to(torch.device(device)))
+        if data.get("flip_tta"):
+            forward = MirrorAveraged(forward)
+            tokens["mirrored_text"] = mirrored_model_tokens(network, data["prompt"], data["prompt_side"]).to(
+                torch.device(device))
+        return functools.partial(forward, **tokens)
 
     def post_transforms(self, data=None) -> Sequence[Callable]:
         """The bundle's postprocessing with the request's threshold, and for a map the probability kept apart (the
