@@ -133,7 +133,7 @@ EXPECTED_WIDGET_CLASSES = {
     "checkpointPathLineEdit": "ctkPathLineEdit", "modelLineEdit": "QLineEdit", "packageLineEdit": "QLineEdit",
     "installButton": "QPushButton",
     "segmentButton": "QPushButton", "progressBar": "QProgressBar", "statusLabel": "QLabel",
-    "logTextEdit": "QPlainTextEdit", "explainCheckBox": "QCheckBox",
+    "logTextEdit": "QPlainTextEdit", "explainCheckBox": "QCheckBox", "flipTtaCheckBox": "QCheckBox",
 }
 
 
@@ -174,6 +174,15 @@ def test_explain_is_offered_remembered_and_passed_on() -> None:
         assert use in code, f"the module lacks {use}"
     assert code.count('SETTINGS + "Explain"') == 2, "the choice is saved and restored"
     assert "Show explanations" in (EXTENSION / "README.md").read_text()
+
+
+def test_flip_tta_is_offered_remembered_and_passed_on() -> None:
+    _, widgets = _ui_widgets()
+    assert widgets.get("flipTtaCheckBox") == "QCheckBox"
+    code = MODULE_FILE.read_text()
+    assert "flip_tta=bool(self.ui.flipTtaCheckBox.checked)" in code
+    assert code.count('SETTINGS + "FlipTta"') == 2, "the choice is saved and restored"
+    assert "Flip test-time augmentation" in (EXTENSION / "README.md").read_text()
 
 
 def test_model_is_offered_remembered_and_passed_on_to_the_local_backend() -> None:
@@ -391,6 +400,23 @@ def test_explain_round_trips_into_the_predict_command(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="^explain must be true or false, got 'yes'$"):
         build_predict_command("python", job.request_file)
     assert "explain" not in SegmentationRequest("lesion", explain=True).server_params()  # maps: one request each
+
+
+def test_flip_tta_round_trips_into_the_predict_command_and_the_server_params(tmp_path: Path) -> None:
+    job = prepare_job(tmp_path / "job", SegmentationRequest("lesion", flip_tta=True), np.zeros((1, 3, 4), np.int16),
+                      np.eye(4))
+    assert load_request(job.request_file)["flip_tta"] is True
+    assert build_predict_command("python", job.request_file)[-1] == "--flip-tta"
+    assert SegmentationRequest("lesion", flip_tta=True).server_params()["flip_tta"] is True
+    assert SegmentationRequest("lesion").server_params()["flip_tta"] is False
+    older = json.loads(job.request_file.read_text())
+    del older["flip_tta"]  # written before the option existed
+    job.request_file.write_text(json.dumps(older))
+    assert load_request(job.request_file)["flip_tta"] is False
+    assert "--flip-tta" not in build_predict_command("python", job.request_file)
+    job.request_file.write_text(json.dumps({**older, "flip_tta": 1}))
+    with pytest.raises(ValueError, match="^flip_tta must be true or false, got 1$"):
+        build_predict_command("python", job.request_file)
 
 
 def test_explanation_maps_are_read_unthresholded_on_the_input_grid(tmp_path: Path) -> None:
@@ -735,14 +761,16 @@ def test_monailabel_explanations_are_those_the_served_model_gives(tmp_path: Path
 
 
 @pytest.mark.parametrize("side", PROMPT_SIDES)
-def test_monailabel_request_sends_the_prompt_side(tmp_path: Path, fake_server: str, side: str) -> None:
+def test_monailabel_request_sends_the_prompt_side_and_flip_tta(tmp_path: Path, fake_server: str, side: str) -> None:
     image = volume_io.write_volume(tmp_path / "image.nii.gz", np.ones((1, 4, 4), np.int16), np.eye(4))
     _FakeMonaiLabel.label = volume_io.write_volume(tmp_path / "srv.nii.gz", np.zeros((1, 4, 4), np.uint8),
                                                    np.eye(4)).read_bytes()
-    request = SegmentationRequest(PROMPT, device="cpu", threshold=0.4, prompt_side=side)
+    flip_tta = side == "viewer"
+    request = SegmentationRequest(PROMPT, device="cpu", threshold=0.4, prompt_side=side, flip_tta=flip_tta)
     monailabel_client.infer(fake_server, "causalclipseg", image, request.server_params(), tmp_path / "out", timeout=10)
     params = re.search(rb'name="params"\r\n\r\n(.*?)\r\n--', _FakeMonaiLabel.received["body"], re.S).group(1)
-    assert json.loads(params) == {"prompt": PROMPT, "prompt_side": side, "device": "cpu", "threshold": 0.4}
+    assert json.loads(params) == {"prompt": PROMPT, "prompt_side": side, "device": "cpu", "threshold": 0.4,
+                                  "flip_tta": flip_tta}
 
 
 @pytest.mark.parametrize("model, message", [

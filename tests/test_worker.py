@@ -75,6 +75,21 @@ def test_one_model_answers_requests_as_predict_does(tmp_path: Path, checkpoint: 
                                       np.asarray(nib.load(reference / name).dataobj))
 
 
+def test_a_flip_tta_request_writes_what_predict_flip_tta_writes(tmp_path: Path, checkpoint: Path) -> None:
+    worker = PredictWorker(log=lambda text: None)
+    job = write_job(tmp_path / "a", checkpoint, flip_tta=True, explain=True)
+    plain = write_job(tmp_path / "b", checkpoint, explain=True)
+    assert all(answer["ok"] for answer in answer_all(worker, job, plain))
+    reference = tmp_path / "reference"
+    assert cli.main(["predict", str(tmp_path / "a" / "input.nii.gz"), "--prompt", PROMPT, "--model", "tiny",
+                     "--checkpoint", str(checkpoint), "--device", "cpu", "--explain", "--flip-tta",
+                     "--output-dir", str(reference)]) == 0
+    probability = {folder: np.asarray(nib.load(tmp_path / folder / "input_probability.nii.gz").dataobj)
+                   for folder in ("a/output", "b/output", "reference")}
+    np.testing.assert_array_equal(probability["a/output"], probability["reference"])
+    assert np.abs(probability["a/output"] - probability["b/output"]).max() > 1e-4  # the kept model, flipped
+
+
 def test_a_failing_request_is_one_line_and_the_worker_carries_on(tmp_path: Path, checkpoint: Path) -> None:
     log: list[str] = []
     worker = PredictWorker(log=log.append)

@@ -7,14 +7,14 @@ Protocol, one UTF-8 line per message:
 
 - **stdin**: the path of a job's ``request.json`` per line, as the Slicer module's job folder holds it
   (``TextPromptSegmentationLib/request.py``: ``input``, ``prompt_file``, ``output_dir``, ``prompt_side``, ``device``,
-  ``threshold``, ``model``, ``checkpoint``, ``explain``). The file stays the record of what was asked.
+  ``threshold``, ``model``, ``checkpoint``, ``explain``, ``flip_tta``). The file stays the record of what was asked.
 - **stdout**: one JSON answer per request, ``{"request": PATH, "ok": true, "files": [...], "seconds": S}`` or
   ``{"request": PATH, "ok": false, "error": "one line"}``. Nothing else is written there: :func:`run` sends what
   Python or a library prints to stdout to stderr instead.
 - **stderr**: the log (model loading, progress bars of volumes, tracebacks of unexpected errors).
 
 A request runs what ``causalclipseg predict INPUT --prompt-file F --prompt-side S --output-dir O --device D
---threshold T --overwrite [--explain] [--model M] [--checkpoint C]`` runs, through the same
+--threshold T --overwrite [--explain] [--flip-tta] [--model M] [--checkpoint C]`` runs, through the same
 :class:`~causalclipseg.inference.predictor.Predictor`; only the loaded model is kept between requests, one per
 (model, checkpoint file and its modification time, device). A request that fails is answered with its one-line
 error and the worker carries on. The worker exits after ``idle_timeout`` seconds without a request, and when stdin
@@ -92,6 +92,7 @@ class WorkerRequest:
         self.model: str = _field(record, "model", str, None, src) or DEFAULT_MODEL
         self.checkpoint: str | None = _field(record, "checkpoint", str, None, src) or None
         self.explain: bool = _field(record, "explain", bool, False, src)
+        self.flip_tta: bool = _field(record, "flip_tta", bool, False, src)
 
 
 class PredictWorker:
@@ -148,7 +149,7 @@ class PredictWorker:
             request = WorkerRequest(request_file)
             text = read_prompt(None, request.prompt_file)
             predictor = self.predictor(request.model, request.checkpoint, request.device)
-            predictor.configure(request.threshold, request.prompt_side)
+            predictor.configure(request.threshold, request.prompt_side, request.flip_tta)
             files: list[Path] = []
             for path in list_inputs(request.input):
                 prediction = predictor.predict(path, text, explain=request.explain)

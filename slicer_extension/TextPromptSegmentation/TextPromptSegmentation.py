@@ -119,6 +119,7 @@ class TextPromptSegmentationWidget(ScriptedLoadableModuleWidget):
         self.ui.promptSideComboBox.currentIndex = max(0, self.ui.promptSideComboBox.findData(
             settings.value(SETTINGS + "PromptSide", "patient")))
         self.ui.explainCheckBox.checked = str(settings.value(SETTINGS + "Explain", "false")).lower() == "true"
+        self.ui.flipTtaCheckBox.checked = str(settings.value(SETTINGS + "FlipTta", "false")).lower() == "true"
 
         self.ui.examplePromptComboBox.connect("activated(int)", self.onExamplePrompt)
         self.ui.backendComboBox.connect("currentIndexChanged(int)", self.updateButtons)
@@ -176,7 +177,7 @@ class TextPromptSegmentationWidget(ScriptedLoadableModuleWidget):
         for widget in (self.ui.inputVolumeSelector, self.ui.promptTextEdit, self.ui.examplePromptComboBox,
                        self.ui.promptSideComboBox, self.ui.backendComboBox, self.ui.deviceComboBox,
                        self.ui.thresholdSliderWidget, self.ui.outputSegmentationSelector, self.ui.installButton,
-                       self.ui.explainCheckBox):
+                       self.ui.explainCheckBox, self.ui.flipTtaCheckBox):
             widget.enabled = not running
         if running:
             self.ui.segmentButton.text = "Cancel"
@@ -208,6 +209,7 @@ class TextPromptSegmentationWidget(ScriptedLoadableModuleWidget):
         settings.setValue(SETTINGS + "Device", self.ui.deviceComboBox.currentData)
         settings.setValue(SETTINGS + "PromptSide", self.ui.promptSideComboBox.currentData)
         settings.setValue(SETTINGS + "Explain", "true" if self.ui.explainCheckBox.checked else "false")
+        settings.setValue(SETTINGS + "FlipTta", "true" if self.ui.flipTtaCheckBox.checked else "false")
 
     def configureLogic(self) -> None:
         """Hand the advanced settings to the logic (the worker's idle timeout is a setting without a widget)."""
@@ -264,7 +266,8 @@ class TextPromptSegmentationWidget(ScriptedLoadableModuleWidget):
                 threshold=float(self.ui.thresholdSliderWidget.value),
                 checkpoint=self.ui.checkpointPathLineEdit.currentPath.strip() or None,
                 model=self.ui.modelLineEdit.text.strip() or None,
-                prompt_side=self.ui.promptSideComboBox.currentData, explain=bool(self.ui.explainCheckBox.checked))
+                prompt_side=self.ui.promptSideComboBox.currentData, explain=bool(self.ui.explainCheckBox.checked),
+                flip_tta=bool(self.ui.flipTtaCheckBox.checked))
             if self.ui.outputSegmentationSelector.currentNode() is None:
                 self.ui.outputSegmentationSelector.addNode()
             self.logic.start(self.ui.inputVolumeSelector.currentNode(), request, self.backend(),

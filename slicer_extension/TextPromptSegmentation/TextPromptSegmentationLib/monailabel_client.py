@@ -2,9 +2,9 @@
 
 It speaks the two endpoints the module needs: ``GET /info/`` (the app and its models) and
 ``POST /infer/{model}?output=image`` with a multipart body holding ``params`` (JSON: the prompt, ``prompt_side``,
-device, threshold; see ``SegmentationRequest.server_params``) and ``file`` (the image), answered by the label
-file, or by an explanation map when ``params`` has ``result_map`` (one file per request: :func:`infer_maps` asks
-for each). The official ``monailabel`` client is not needed.
+device, threshold, ``flip_tta``; see ``SegmentationRequest.server_params``) and ``file`` (the image), answered by
+the label file, or by an explanation map when ``params`` has ``result_map`` (one file per request:
+:func:`infer_maps` asks for each). The official ``monailabel`` client is not needed.
 """
 
 from __future__ import annotations

@@ -67,10 +67,12 @@ class SegmentationRequest:
             patient's left is on the screen's right) or ``viewer`` (the screen's sides, as QaTa-COV19's captions).
         explain: also write the lesion probability and the causal mask as float maps on the input's grid
             (``causalclipseg predict --explain``; local backend only).
+        flip_tta: average the prediction with the one on the image mirrored left-right under the prompt with its
+            sides swapped (``causalclipseg predict --flip-tta``; twice the time).
 
     Raises:
-        ValueError: for an empty prompt, an unknown device, a threshold outside (0, 1), an unknown prompt side or an
-            ``explain`` that is not a boolean.
+        ValueError: for an empty prompt, an unknown device, a threshold outside (0, 1), an unknown prompt side, or an
+            ``explain`` or ``flip_tta`` that is not a boolean.
     """
 
     prompt: str
@@ -80,6 +82,7 @@ class SegmentationRequest:
     checkpoint: str | None = None
     prompt_side: str = "patient"
     explain: bool = False
+    flip_tta: bool = False
 
     def __post_init__(self) -> None:
         if not self.prompt.strip():
@@ -91,17 +94,18 @@ class SegmentationRequest:
         if self.prompt_side not in PROMPT_SIDES:
             raise ValueError(f"prompt_side must be patient or viewer (whose left 'left' means), "
                              f"got {self.prompt_side!r}")
-        if not isinstance(self.explain, bool):
-            raise ValueError(f"explain must be true or false, got {self.explain!r}")
+        for name in ("explain", "flip_tta"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.checkpoint is not None and not self.checkpoint.strip():
             object.__setattr__(self, "checkpoint", None)
         if self.model is not None and not self.model.strip():
             object.__setattr__(self, "model", None)
 
-    def server_params(self) -> dict[str, str | float]:
-        """The ``params`` of a MONAI Label ``/infer`` request: prompt, prompt side, device and threshold."""
+    def server_params(self) -> dict[str, str | float | bool]:
+        """The ``params`` of a MONAI Label ``/infer`` request: prompt, prompt side, device, threshold and flip TTA."""
         return {"prompt": self.prompt, "prompt_side": self.prompt_side, "device": self.device,
-                "threshold": self.threshold}
+                "threshold": self.threshold, "flip_tta": self.flip_tta}
 
 
 @dataclass(frozen=True)
@@ -152,8 +156,8 @@ def prepare_job(folder: str | os.PathLike, request: SegmentationRequest, array_k
 
 
 def load_request(request_file: str | os.PathLike) -> dict:
-    """Read ``request.json``, checking its fields; a request written before ``prompt_side`` or ``explain`` existed gets
-    ``patient`` and ``false``.
+    """Read ``request.json``, checking its fields; a request written before ``prompt_side``, ``explain`` or
+    ``flip_tta`` existed gets ``patient``, ``false`` and ``false``.
 
     Raises:
         ValueError: if the file is not a request written by :func:`prepare_job`.
@@ -168,14 +172,16 @@ def load_request(request_file: str | os.PathLike) -> dict:
         raise ValueError(f"the request {request_file} lacks {', '.join(missing)}")
     record.setdefault("prompt_side", "patient")
     record.setdefault("explain", False)
+    record.setdefault("flip_tta", False)
     SegmentationRequest(record["prompt"], record["device"], record["threshold"], record.get("model"),
-                        record.get("checkpoint"), record["prompt_side"], record["explain"])  # validates
+                        record.get("checkpoint"), record["prompt_side"], record["explain"],
+                        record["flip_tta"])  # validates
     return record
 
 
 def build_predict_command(python: str | os.PathLike, request_file: str | os.PathLike) -> list[str]:
-    """``python -m causalclipseg.cli predict INPUT --prompt-file ... --prompt-side ... ... [--explain]`` for a request
-    file.
+    """``python -m causalclipseg.cli predict INPUT --prompt-file ... --prompt-side ... ... [--explain] [--flip-tta]``
+    for a request file.
 
     Args:
         python: the interpreter that has the ``causalclipseg`` package (Slicer's ``PythonSlicer``, or another).
@@ -195,6 +201,8 @@ def build_predict_command(python: str | os.PathLike, request_file: str | os.Path
         command += ["--checkpoint", record["checkpoint"]]
     if record["explain"]:
         command.append("--explain")
+    if record["flip_tta"]:
+        command.append("--flip-tta")
     return command
 
 
