@@ -74,6 +74,7 @@ TEXT_RELIANCE_ROWS = (
     ("left and right swapped", "evaluate_valid_swap.json"),
     ("empty", "evaluate_valid_empty.json"),
     ("images mirrored, sides swapped with them (`--mirror`)", "evaluate_valid_mirror.json"),
+    ("as written, flip test-time augmentation (`--flip-tta`)", "evaluate_valid_flip_tta.json"),
 )
 
 

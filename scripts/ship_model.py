@@ -11,8 +11,9 @@ RUN_DIR is a ``causalclipseg train`` (or ``compare``) run folder: ``best_model.p
    run's ``best_metrics.json`` (the validation epoch that selected it) with the run's training settings;
 2. ``bundle/models/model.pt``: a byte-identical copy;
 3. ``bundle/configs/metadata.json`` ``eval_metrics``: those validation scores (4 decimals) and the epoch;
-4. ``docs/results/evaluate_valid_{none,swap,empty,mirror}.json``: ``causalclipseg evaluate`` of the new weights on
-   the valid split (prompts as written, sides swapped, empty, mirrored), each with its command and commit;
+4. ``docs/results/evaluate_valid_{none,swap,empty,mirror,flip_tta}.json``: ``causalclipseg evaluate`` of the new
+   weights on the valid split (prompts as written, sides swapped, empty, mirrored, with flip test-time augmentation),
+   each with its command and commit;
 5. the generated tables (``scripts/readme_tables.py``).
 
 The README's and the bundle docs' prose about the shipped model, and the bundle's version and changelog, are left to
@@ -45,7 +46,7 @@ METADATA = ROOT / "bundle" / "configs" / "metadata.json"
 RESULTS = ROOT / "docs" / "results"
 #: evaluate_valid_<name>.json: the extra ``causalclipseg evaluate`` arguments
 EVALUATIONS = {"none": [], "swap": ["--prompt-transform", "swap"], "empty": ["--prompt-transform", "empty"],
-               "mirror": ["--mirror"]}
+               "mirror": ["--mirror"], "flip_tta": ["--flip-tta"]}
 #: metadata eval_metrics key -> best_metrics.json key
 EVAL_METRICS = {"val_per_image_mean_dice": "per_image/dice", "val_per_image_mean_iou": "per_image/iou",
                 "val_dataset_level_dice": "dataset_level/dice", "val_dataset_level_iou": "dataset_level/iou"}
