@@ -384,7 +384,8 @@ def test_bundle_and_predictor_run_one_path_to_the_same_masks(data, tmp_path):
 def test_bundle_flip_tta_is_the_predictors(data, tmp_path):
     """``flip_tta`` in the bundle (mirrored token ids from ``ModelTokensd``, a third network input through
     ``prepare_batch``, ``MirrorAveraged`` around the network) writes the masks of the Predictor's ``flip_tta``, on a
-    picture and on a volume (mirrored slice batch by slice batch); at that threshold the plain masks differ."""
+    picture and on a volume (mirrored slice batch by slice batch); at that threshold the plain masks differ. A volume
+    cut in sagittal slices is refused in one line."""
     kinds = ("png", "series")
     predictor = Predictor(DEFAULT_MODEL, data["ckpt"], device="cpu", flip_tta=True)
     pooled = np.concatenate([predictor.predict(data[k], PROMPT_A).probability.ravel() for k in kinds])
@@ -403,6 +404,14 @@ def test_bundle_flip_tta_is_the_predictors(data, tmp_path):
         np.testing.assert_array_equal(written.reshape(mask.shape), mask, err_msg=kind)
         differs.append(bool((plain.predict(data[kind], PROMPT_A).mask != mask).any()))
     assert all(differs), differs
+    sagittal = tmp_path / "sagittal.nii.gz"  # slices along left-right: mirroring one would flip front and back
+    nib.save(nib.Nifti1Image(np.random.default_rng(0).random((12, 10, 8)).astype(np.float32),
+                             np.diag([3.0, 0.8, 0.8, 1.0])), sagittal)
+    result = _infer(data["ckpt"], "--input", str(sagittal), "--output_dir", str(tmp_path / "sag"), "--flip_tta", "True")
+    assert result.returncode != 0
+    line = next((x for x in result.stdout.splitlines() if x.startswith("ValueError: ")), "")
+    assert "sagittal.nii.gz is cut in sagittal slices" in line, result.stdout[-3000:]
+    assert not (tmp_path / "sag" / "sagittal_mask.nii.gz").exists()
 
 
 def test_list_inputs_treats_a_dicom_series_as_one_volume(data):

@@ -302,6 +302,18 @@ def test_flip_tta_answers_what_predict_flip_tta_gives(server, data):
     assert np.abs(maps[True] - maps[False]).max() > 1e-4
 
 
+def test_flip_tta_refuses_a_volume_cut_in_sagittal_slices(server):
+    client = server.client(server.root / "c_flip_sagittal")
+    sagittal = server.root / "sagittal.nii.gz"
+    nib.save(nib.Nifti1Image(np.random.default_rng(0).random((12, 10, 8)).astype(np.float32),
+                             np.diag([3.0, 0.8, 0.8, 1.0])), sagittal)
+    with pytest.raises(MONAILabelClientException) as info:
+        client.infer(MODEL, "", {"prompt": PROMPT_A, "flip_tta": True}, file=str(sagittal))
+    assert "Status: 400;" in info.value.msg and "is cut in sagittal slices" in info.value.msg, info.value.msg
+    label, _ = client.infer(MODEL, "", {"prompt": PROMPT_A}, file=str(sagittal))  # without flip TTA: segmented
+    assert nib.load(label).shape == (12, 10, 8)
+
+
 def _label_on_grid(label: str, source: Path) -> np.ndarray:
     """The label's values, checked to lie on ``source``'s grid (a PNG's rows and columns, a NIfTI's shape and
     affine) with values in {0, 1}."""

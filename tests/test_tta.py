@@ -3,12 +3,14 @@ the evaluation (``evaluate --flip-tta``) and the prompts' mirrored token ids."""
 
 from __future__ import annotations
 
+import nibabel as nib
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 import causalclipseg
+from causalclipseg import cli
 from causalclipseg.data.prompts import swap_laterality
 from causalclipseg.data.transforms import LATERAL_AXIS
 from causalclipseg.evaluation.evaluate import evaluate_model, split_loader
@@ -103,3 +105,27 @@ def test_evaluate_with_flip_tta_scores_the_average_of_both_views(tmp_path):
     assert not np.allclose(got.rows, plain_scores.rows)  # the TTA changed the scores
     with pytest.raises(ValueError, match="flip_tta needs batches with 'mirrored_text'"):
         evaluate_model(model, split_loader(model, datalist, "valid"), device, flip_tta=True)
+
+
+def test_flip_tta_refuses_sagittal_slices_in_one_line(tmp_path, capsys):
+    """Mirroring a sagittal slice left-right would flip front and back: flip TTA refuses such a volume, naming it
+    (predict: one error line, exit status 2); axial and coronal volumes are mirrored."""
+    files, rng = tiny_checkpoint_and_picture(tmp_path, "unused.png")
+    volumes = {}
+    for plane, spacing in (("axial", (0.8, 0.8, 3.0)), ("coronal", (0.8, 3.0, 0.8)), ("sagittal", (3.0, 0.8, 0.8))):
+        volumes[plane] = tmp_path / f"{plane}.nii.gz"
+        nib.save(nib.Nifti1Image(rng.random((12, 10, 8)).astype(np.float32), np.diag([*spacing, 1.0])),
+                 volumes[plane])
+    predictor = Predictor(checkpoint=files["ckpt"], device="cpu", flip_tta=True)
+    for plane in ("axial", "coronal"):
+        assert predictor.predict(volumes[plane], PROMPT).probability.shape == (12, 10, 8)
+    with pytest.raises(ValueError, match=r"sagittal\.nii\.gz is cut in sagittal slices .* segment it without flip"):
+        predictor.predict(volumes["sagittal"], PROMPT)
+    assert Predictor(checkpoint=files["ckpt"], device="cpu").predict(volumes["sagittal"], PROMPT).mask.shape == (
+        12, 10, 8)  # without flip TTA it is segmented
+    args = ["predict", str(volumes["sagittal"]), "--prompt", PROMPT, "--checkpoint", str(files["ckpt"]), "--device",
+            "cpu", "--flip-tta", "--output-dir", str(tmp_path / "out")]
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is cut in sagittal slices" in err[0] and "Traceback" not in err[0]
+    assert not (tmp_path / "out" / "sagittal_mask.nii.gz").exists()

@@ -45,7 +45,7 @@ from ..io.writers import atomic_write, extra_files, mask_files, overlay, write_d
 from ..model.causalclipseg import CausalCLIPSeg
 from .inferer import SliceWiseInferer
 from .prompts import WarnUnverifiableSided, mirrored_model_tokens, model_tokens
-from .tta import MirrorAveraged
+from .tta import MirrorAveraged, check_mirrorable
 
 logger = logging.getLogger(__name__)
 
@@ -222,6 +222,8 @@ class Predictor:
             tokens.append(mirrored_model_tokens(self.model, prompt, self.prompt_side).to(self.device))
             network = MirrorAveraged(network)
         data = _apply(self.preprocessing, {"image": str(path), "prompt": prompt})  # (1, X, Y[, Z]), displayed
+        if self.flip_tta:
+            check_mirrorable(data["image"], path)
         try:
             data["pred"] = self.inferer(data["image"][None], network, *tokens)[0]  # (1 or 2, X, Y[, Z]) logits
             data = _apply(self.postprocessing, data)  # probabilities (and the causal mask) on the input's grid

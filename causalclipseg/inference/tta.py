@@ -8,19 +8,66 @@ second opinion on the same pixels; the two are averaged as probabilities. Measur
 the shipped weights (``causalclipseg evaluate --data ../shared/data/qata_cov19 --flip-tta``): per-image Dice 0.797
 -> 0.805, unilateral cases 0.676 -> 0.691, for twice the inference time. ``causalclipseg predict --flip-tta``,
 ``evaluate --flip-tta`` and the bundle's ``flip_tta`` use it.
+
+Mirroring a slice left-right mirrors the patient only where the slice's horizontal axis is the patient's left-right
+one: pictures, axial and coronal slices. A volume cut in sagittal slices (its left-right axis is the slice axis,
+:mod:`causalclipseg.io.orientation`) is refused (:func:`check_mirrorable`), not mirrored front to back.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Mapping
+from typing import Any
 
+import nibabel as nib
+import numpy as np
 import torch
 import torch.nn.functional as F
+from monai.config import KeysCollection
+from monai.transforms import MapTransform
 from torch import nn
 
 from ..data.transforms import LATERAL_AXIS
 
-__all__ = ["MirrorAveraged", "mean_probability_logits"]
+__all__ = ["CheckMirrorabled", "MirrorAveraged", "check_mirrorable", "mean_probability_logits"]
+
+
+def check_mirrorable(image: torch.Tensor, source: object) -> None:
+    """Refuse flip test-time augmentation for an image in display orientation whose horizontal axis is not the
+    patient's left-right axis (a volume cut in sagittal slices): mirroring its slices would flip front and back,
+    which no swap of "left" and "right" in the prompt describes.
+
+    Raises:
+        ValueError: naming ``source``, for such an image.
+    """
+    affine = getattr(image, "affine", None)
+    if affine is None:
+        return  # a plain tensor: a picture, taken as displayed
+    horizontal = nib.aff2axcodes(np.asarray(affine, dtype=np.float64))[LATERAL_AXIS]
+    if horizontal not in ("L", "R"):
+        raise ValueError(f"{source} is cut in sagittal slices (its left-right axis is the slice axis), so flip "
+                         f"test-time augmentation, which mirrors each slice left-right, cannot apply: segment it "
+                         f"without flip TTA")
+
+
+class CheckMirrorabled(MapTransform):
+    """Pre-transform after display orientation: :func:`check_mirrorable` for each image key when ``enabled`` (the
+    bundle's ``flip_tta``).
+
+    Args:
+        keys: image keys, in display orientation.
+        enabled: check (flip TTA is on) or pass everything through.
+    """
+
+    def __init__(self, keys: KeysCollection = "image", enabled: bool = True, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.enabled = enabled
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d) if self.enabled else ():
+            check_mirrorable(d[key], getattr(d[key], "meta", {}).get("filename_or_obj", key))
+        return d
 
 
 def mean_probability_logits(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:

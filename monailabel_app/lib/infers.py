@@ -57,7 +57,7 @@ from causalclipseg.data.prompts import check_prompt_side
 from causalclipseg.factory import load_state_dict
 from causalclipseg.inference.predictor import SplitExplanationd, inference_ready
 from causalclipseg.inference.prompts import ModelTokensd, mirrored_model_tokens, model_tokens
-from causalclipseg.inference.tta import MirrorAveraged
+from causalclipseg.inference.tta import MirrorAveraged, check_mirrorable
 from causalclipseg.io.inputs import PICTURE_SUFFIXES, file_suffix, list_inputs
 from causalclipseg.io.writers import EXPLANATION_MAPS, SaveMaskd, write_mask, write_nifti
 from causalclipseg.tokenizer import validate_prompt
@@ -285,7 +285,7 @@ class TextPromptSegmentation(BundleInferTask):
 
         Raises:
             BadRequestError: for an explanation map the served model does not give (a causal mask from a model
-                without a causal module).
+                without a causal module), or flip TTA asked for a volume cut in sagittal slices.
         """
         network, path = self._network(device)
         data["weights"] = os.path.basename(path)
@@ -299,6 +299,10 @@ class TextPromptSegmentation(BundleInferTask):
                                       f"{', '.join(['mask', *network.explanation_maps])}")
             forward = network.explain
         if data.get("flip_tta"):
+            try:
+                check_mirrorable(data["image"], "the request's image")
+            except ValueError as err:
+                raise BadRequestError(str(err)) from err
             forward = MirrorAveraged(forward)
             tokens["mirrored_text"] = mirrored_model_tokens(network, data["prompt"], data["prompt_side"]).to(
                 torch.device(device))
