@@ -68,7 +68,7 @@ class ModelTokensd(MapTransform):
         self.prompt_key, self.output_key, self.mirrored_key = prompt_key, output_key, mirrored_key
         if prompt is not None:
             model.tokenize(prompt)
-        self._cache: dict[tuple[str, str], torch.Tensor] = {}
+        self._cache: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}  # plain, mirrored
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
