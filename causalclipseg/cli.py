@@ -278,7 +278,7 @@ def evaluate_main(argv: Sequence[str] | None = None) -> int:
 
 def compare_main(argv: Sequence[str] | None = None) -> int:
     """Train every comparison arm with the same data and budget and tabulate their validation scores."""
-    from .experiments.compare import ARMS, compare, format_table
+    from .experiments.arms import ARMS
     from .training.config import TrainConfig
     parser = _parser(
         "compare",
@@ -293,6 +293,7 @@ def compare_main(argv: Sequence[str] | None = None) -> int:
                              "them, if any has not")
     args = vars(parser.parse_args(argv))
     arms, seeds, train_runs = args.pop("arms"), args.pop("seeds"), not args.pop("no_train")
+    from .experiments.compare import compare, format_table
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     try:
         result = compare(TrainConfig(**args), arms, seeds, train_runs)

@@ -286,11 +286,12 @@ def code(argv):
     except SystemExit as end:  # argparse's own exits
         return end.code
 codes = [code(argv) for argv in ([], ["predict", "x.png"], ["evaluate", "--model", "nope"], ["predict", "--help"],
-                                 ["train", "--help"], ["train", "--data", "d", "--output-dir", "o", "--epochs", "x"])]
+                                 ["train", "--help"], ["train", "--data", "d", "--output-dir", "o", "--epochs", "x"],
+                                 ["compare", "--help"], ["compare", "--data", "d", "--output-dir", "o", "--arms", "x"])]
 print(codes, [m for m in ("torch", "open_clip", "monai") if m in sys.modules])
 """
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
-    assert done.stdout.strip().splitlines()[-1] == "[2, 2, 2, 0, 0, 2] []", done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[2, 2, 2, 0, 0, 2, 0, 2] []", done.stderr
     assert "--prompt" in done.stderr and "invalid choice: 'nope'" in done.stderr
 
 

@@ -16,7 +16,7 @@ where it stopped.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,29 +27,10 @@ from ..evaluation.evaluate import causal_statistics, evaluate_model, split_loade
 from ..factory import resolve_device
 from ..inference.predictor import load_trained_model
 from ..training.trainer import TrainConfig, train
+from .arms import ARMS, Arm
 
 __all__ = ["ARMS", "Arm", "compare", "format_table"]
 
-
-@dataclass(frozen=True)
-class Arm:
-    """One contender: a model variant and the prompt it sees in training and validation."""
-
-    label: str
-    model: str
-    prompt_transform: str = "none"
-    game: str = "reversal"
-
-
-#: The comparison's arms, by name.
-ARMS: dict[str, Arm] = {
-    "causalclipseg": Arm("CausalCLIPSeg (tiny)", "tiny"),
-    "no-causal": Arm("without the causal module (tiny-nocausal)", "tiny-nocausal"),
-    "empty-prompt": Arm("CausalCLIPSeg, trained and validated with empty prompts", "tiny", "empty"),
-    "unet": Arm("MONAI U-Net, vision only (unet)", "unet"),
-    "uninformative": Arm("CausalCLIPSeg, uninformative-confounder game", "tiny", game="uninformative"),
-    "public-masks": Arm("CausalCLIPSeg, the public code's mask generators (tiny-public-masks)", "tiny-public-masks"),
-}
 
 _METRICS = ("per_image/dice", "per_image/iou", "dataset_level/dice", "dataset_level/iou")
 #: measured on each run's best model (``_extra_metrics``); the causal ones only for arms with the causal module
