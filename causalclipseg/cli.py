@@ -152,6 +152,8 @@ _TRAIN_HELP = {
     "reversal_max": "final gradient-reversal coefficient of the min-max game",
     "game": "how the min-max game is played: reversal (the trunk maximises the confounder head's bounded loss) or "
             "uninformative (the trunk drives the head's prediction to 0.5; one more decoder pass per step)",
+    "lambda_dice": "weight of the per-image Dice term of the loss (Dice + BCE; 0.5 and 0.5 is the LViT convention)",
+    "lambda_bce": "weight of the BCE term of the loss",
     "checkpoint_every": "save the resumable state every N iterations (and at each epoch end)",
     "max_train": "use only the first N training records (smoke runs)",
     "max_val": "use only the first N validation records",

@@ -494,11 +494,13 @@ def test_bundle_and_cli_train_are_one_trainer(train_data, tmp_path):
     bundle_run, cli_run = tmp_path / "bundle", tmp_path / "cli"
     _ok(_bundle("run", "--config_file", "configs/train.json", "--dataset_dir", str(train_data), "--output_dir",
                 str(bundle_run), "--max_epochs", "2", "--batch_size", "2", "--warmup_iterations", "2",
-                "--progress", "False"))
+                "--lambda_dice", "0.8", "--lambda_bce", "0.2", "--progress", "False"))
     subprocess.run([sys.executable, "-m", "causalclipseg.cli", "train", "--data", str(train_data), "--output-dir",
-                    str(cli_run), "--epochs", "2", "--batch-size", "2", "--warmup-iterations", "2", "--no-progress"],
+                    str(cli_run), "--epochs", "2", "--batch-size", "2", "--warmup-iterations", "2",
+                    "--lambda-dice", "0.8", "--lambda-bce", "0.2", "--no-progress"],
                    check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=600)
     cli_config = json.loads((cli_run / "train_config.json").read_text())
+    assert (cli_config["lambda_dice"], cli_config["lambda_bce"]) == (0.8, 0.2)
     world_size = cli_config.pop("world_size")
     assert config_changes(json.loads((bundle_run / "train_config.json").read_text()), TrainConfig(**cli_config),
                           world_size) == {}

@@ -218,6 +218,23 @@ def test_train_refuses_a_corrupted_checkpoint_in_one_line(tmp_path, capsys):
     assert corrupt.read_bytes() == b"PK\x03\x04 not really a zip archive"  # left for the user to inspect
 
 
+def test_train_loss_weights_reach_the_loss_and_bad_ones_are_refused_first(tmp_path, capsys):
+    """--lambda-dice / --lambda-bce weight the loss the trainer steps on; weights it cannot use are refused in one
+    line before the output folder is made."""
+    from causalclipseg.training.config import TrainConfig
+    from causalclipseg.training.trainer import Trainer
+
+    data = write_datalist(tmp_path, n=4)
+    trainer = Trainer(TrainConfig(data=str(data), output_dir=str(tmp_path / "run"), lambda_dice=0.8, lambda_bce=0.2,
+                                  device="cpu", progress=False))
+    assert (trainer.loss_function.seg.lambda_dice, trainer.loss_function.seg.lambda_ce) == (0.8, 0.2)
+    out = tmp_path / "refused"
+    assert cli.main([*_train_args(data, out, epochs=1), "--lambda-dice", "0", "--lambda-bce", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: lambda_dice and lambda_bce must be >= 0 and not both 0, got 0.0 and 0.0"]
+    assert not out.exists()
+
+
 def test_train_rejects_a_bad_dataset(tmp_path, capsys):
     assert cli.main(["train", "--data", str(tmp_path / "nowhere"), "--output-dir", str(tmp_path / "o"),
                      "--no-progress"]) == 2

@@ -26,13 +26,16 @@ def test_perfect_prediction_has_low_loss_and_wrong_has_high():
     assert good.confounder == 0 and good.total == good.segmentation
 
 
-def test_dice_bce_weights():
+@pytest.mark.parametrize("weights", [{}, {"lambda_dice": 0.8, "lambda_bce": 0.2},
+                                     {"lambda_dice": 1.0, "lambda_bce": 0.0}])
+def test_dice_bce_weights(weights):
     label = torch.zeros(1, 1, 4, 4)
     label[..., :2, :] = 1
     logits = torch.zeros(1, 1, 4, 4)  # p = 0.5 everywhere
-    terms = CausalSegLoss()(_output(logits), label)
+    terms = CausalSegLoss(**weights)(_output(logits), label)
     dice = 1 - (2 * 4 + 1e-5) / (8 + 8 + 1e-5)  # MONAI smoothing 1e-5
-    assert terms.segmentation.item() == pytest.approx(0.5 * dice + 0.5 * math.log(2), rel=1e-4)
+    expected = weights.get("lambda_dice", 0.5) * dice + weights.get("lambda_bce", 0.5) * math.log(2)
+    assert terms.segmentation.item() == pytest.approx(expected, rel=1e-4)
 
 
 def test_confounder_term_is_bounded_and_has_finite_gradient():
@@ -54,7 +57,9 @@ def test_reversal_ramp():
 
 
 @pytest.mark.parametrize("kwargs, match", [({"logit_bound": 0}, "logit_bound"), ({"confounder_weight": -1},
-                                                                                   "confounder_weight")])
+                                                                                   "confounder_weight"),
+                                           ({"lambda_dice": -0.1}, "lambda_dice"),
+                                           ({"lambda_dice": 0, "lambda_bce": 0}, "not both 0")])
 def test_bad_loss_settings(kwargs, match):
     with pytest.raises(ValueError, match=match):
         CausalSegLoss(**kwargs)

@@ -68,7 +68,7 @@ class ModelTokensd(MapTransform):
         self.prompt_key, self.output_key, self.mirrored_key = prompt_key, output_key, mirrored_key
         if prompt is not None:
             model.tokenize(prompt)
-        self._cache: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}  # plain, mirrored
+        self._cache: dict[tuple[str, str], dict[str, torch.Tensor]] = {}  # output key -> token ids
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
@@ -77,11 +77,11 @@ class ModelTokensd(MapTransform):
             raise ValueError(f"no prompt: the data have no {self.prompt_key!r} and none was configured")
         key = (prompt, self.model.prompt_side)
         if key not in self._cache:
-            self._cache = {key: (model_tokens(self.model, prompt, self.prompt_side)[0],
-                                 mirrored_model_tokens(self.model, prompt, self.prompt_side)[0])}
-        d[self.output_key], mirrored = self._cache[key]
-        if self.mirrored_key is not None:
-            d[self.mirrored_key] = mirrored
+            tokens = {self.output_key: model_tokens(self.model, prompt, self.prompt_side)[0]}
+            if self.mirrored_key is not None:  # made only when asked for
+                tokens[self.mirrored_key] = mirrored_model_tokens(self.model, prompt, self.prompt_side)[0]
+            self._cache = {key: tokens}
+        d.update(self._cache[key])
         return d
 
 

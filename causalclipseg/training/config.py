@@ -32,6 +32,8 @@ class TrainConfig:
     reversal_max: float = 0.5  # final gradient-reversal coefficient of the min-max game
     game: str = "reversal"  # how the min-max game is played: "reversal" or "uninformative" (model.config.GAMES)
     confounder_weight: float = 1.0  # weight of the confounder loss term
+    lambda_dice: float = 0.5  # weight of Dice in the segmentation (and confounder) loss
+    lambda_bce: float = 0.5  # weight of BCE in the segmentation (and confounder) loss
     train_split: str = "train"
     val_split: str = "valid"
     val_every: int = 1  # validate every N epochs (best model chosen on per-image Dice)

@@ -67,6 +67,9 @@ class CausalSegLoss(nn.Module):
         super().__init__()
         if logit_bound <= 0:
             raise ValueError(f"logit_bound must be > 0, got {logit_bound}")
+        if lambda_dice < 0 or lambda_bce < 0 or lambda_dice + lambda_bce == 0:
+            raise ValueError(f"lambda_dice and lambda_bce must be >= 0 and not both 0, "
+                             f"got {lambda_dice} and {lambda_bce}")
         if confounder_weight < 0:
             raise ValueError(f"confounder_weight must be >= 0, got {confounder_weight}")
         self.seg = segmentation_loss(lambda_dice, lambda_bce)

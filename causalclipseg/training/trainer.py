@@ -231,6 +231,7 @@ class Trainer(DeterministicEngine):
         for name in ("epochs", "batch_size", "val_every", "checkpoint_every"):
             if not isinstance(getattr(cfg, name), int) or getattr(cfg, name) < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {getattr(cfg, name)!r}")
+        loss_function = CausalSegLoss(cfg.lambda_dice, cfg.lambda_bce, cfg.confounder_weight)  # checks its weights
         self.config = cfg
         distributed = dist.is_available() and dist.is_initialized()
         self.rank, self.world_size = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
@@ -265,7 +266,7 @@ class Trainer(DeterministicEngine):
 
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp)
-        self.loss_function = CausalSegLoss(confounder_weight=cfg.confounder_weight)
+        self.loss_function = loss_function
         self.inferer = SimpleInferer()
         step = MinMaxForward(model)
         self.step_network = step if not distributed else DistributedDataParallel(
