@@ -324,7 +324,7 @@ def worker_main(argv: Sequence[str] | None = None) -> int:
         "worker",
         "A process for clients that segment often (the 3D Slicer module's local backend): reads the path "
         "of a job's request.json per line on stdin (input, prompt_file, output_dir, prompt_side, device, "
-        "threshold, model, checkpoint, explain, flip_tta) and answers each with one JSON line on stdout: "
+        "threshold, model, model_config, checkpoint, explain, flip_tta) and answers each with one JSON line on stdout: "
         '{"request": ..., "ok": true, "files": [...]} or {"request": ..., "ok": false, "error": ...}. '
         "A request runs what `causalclipseg predict ... --overwrite` runs; the loaded model is kept "
         "between requests, so only the first pays for starting Python, torch and the weights. The log "

@@ -131,6 +131,7 @@ EXPECTED_WIDGET_CLASSES = {
     "serverUrlLineEdit": "QLineEdit", "serverModelLineEdit": "QLineEdit", "deviceComboBox": "QComboBox",
     "thresholdSliderWidget": "ctkSliderWidget", "pythonPathLineEdit": "ctkPathLineEdit",
     "checkpointPathLineEdit": "ctkPathLineEdit", "modelLineEdit": "QLineEdit", "packageLineEdit": "QLineEdit",
+    "modelConfigPathLineEdit": "ctkPathLineEdit",
     "installButton": "QPushButton",
     "segmentButton": "QPushButton", "progressBar": "QProgressBar", "statusLabel": "QLabel",
     "logTextEdit": "QPlainTextEdit", "explainCheckBox": "QCheckBox", "flipTtaCheckBox": "QCheckBox",
@@ -186,13 +187,18 @@ def test_flip_tta_is_offered_remembered_and_passed_on() -> None:
 
 
 def test_model_is_offered_remembered_and_passed_on_to_the_local_backend() -> None:
-    """*Advanced → Model*: the variant a checkpoint belongs to (``tiny`` for a causal mask); empty: the shipped one."""
+    """*Advanced → Model*: the variant a checkpoint belongs to (``tiny`` for a causal mask); empty: the shipped one.
+    *Advanced → Model config*: the config file of a variant of one's own."""
     code = MODULE_FILE.read_text()
     for use in ("model=self.ui.modelLineEdit.text.strip() or None",
-                "self.ui.modelLineEdit.enabled = not remote and not running"):
+                "self.ui.modelLineEdit.enabled = not remote and not running",
+                "model_config=self.ui.modelConfigPathLineEdit.currentPath.strip() or None",
+                "self.ui.modelConfigPathLineEdit.enabled = not remote and not running"):
         assert use in code, f"the module lacks {use}"
     assert code.count('SETTINGS + "Model"') == 2, "the choice is saved and restored"
-    assert "*Advanced → Model*" in (EXTENSION / "README.md").read_text()
+    assert code.count('SETTINGS + "ModelConfig"') == 2, "the choice is saved and restored"
+    readme = (EXTENSION / "README.md").read_text()
+    assert "*Advanced → Model*" in readme and "*Advanced → Model config*" in readme
 
 
 def test_ui_declares_its_custom_widgets_and_connects_the_scene() -> None:
@@ -362,6 +368,22 @@ def test_job_folder_and_predict_command(tmp_path: Path) -> None:
     (tmp_path / "bad.json").write_text("{}")
     with pytest.raises(ValueError, match="lacks prompt"):
         build_predict_command("python", tmp_path / "bad.json")
+
+
+def test_model_config_round_trips_into_the_predict_command(tmp_path: Path) -> None:
+    """A request's model config file reaches ``predict --model-config``; blank is none, and a request written before
+    the field existed runs without it."""
+    assert SegmentationRequest("x", model_config="  ").model_config is None
+    request = SegmentationRequest("lesion", model="my-variant", model_config="/w/my-variant.json")
+    job = prepare_job(tmp_path / "job", request, np.zeros((1, 3, 4), np.int16), np.eye(4))
+    assert load_request(job.request_file)["model_config"] == "/w/my-variant.json"
+    command = build_predict_command("python", job.request_file)
+    assert command[command.index("--model-config") + 1] == "/w/my-variant.json"
+    assert command[command.index("--model") + 1] == "my-variant"
+    older = json.loads(job.request_file.read_text())
+    del older["model_config"]
+    job.request_file.write_text(json.dumps(older))
+    assert "--model-config" not in build_predict_command("python", job.request_file)
 
 
 def test_prompt_side_round_trips_and_older_requests_mean_the_patients(tmp_path: Path) -> None:
@@ -846,6 +868,50 @@ def test_local_backend_surfaces_cli_errors(tmp_path: Path) -> None:
         runner.raise_for_status()
 
 
+@pytest.mark.slow
+def test_local_backend_runs_a_variant_of_ones_own(tmp_path: Path) -> None:
+    """A variant the package does not ship (its config file under *Advanced → Model config*, its name under *Model*):
+    the predict command and the warm model process both build it from the file and write the same mask."""
+    import torch
+
+    from causalclipseg import create_model
+    from causalclipseg.registry import _CONFIG_DIR, _CONFIGS, add_model_config
+
+    config = json.loads((_CONFIG_DIR / "tiny-nocausal.json").read_text())
+    config["decoder"]["dim"] = 32
+    variant = tmp_path / "slicer-variant.json"
+    variant.write_text(json.dumps(config))
+    try:
+        add_model_config(variant)
+        torch.manual_seed(0)
+        weights = tmp_path / "variant.pt"
+        torch.save(create_model("slicer-variant").state_dict(), weights)
+    finally:
+        _CONFIGS.pop("slicer-variant", None)
+    shape, matrix = (1, 48, 40), oblique_matrix()
+    array = np.random.default_rng(0).normal(0, 100, shape).astype(np.float32)
+    request = SegmentationRequest(PROMPT, device="cpu", threshold=0.5, model="slicer-variant",
+                                  model_config=str(variant), checkpoint=str(weights))
+    masks = []
+    for name in ("predict", "worker"):
+        job = prepare_job(tmp_path / name, request, array, matrix)
+        if name == "predict":
+            runner = ProcessRunner(build_predict_command(sys.executable, job.request_file),
+                                   env=child_environment(os.environ, own_interpreter=True))
+            runner.start()
+            assert runner.wait(timeout=120) is RunState.SUCCEEDED, runner.output
+        else:
+            worker = ModelWorker()
+            try:
+                run, _ = _run_to_end(worker, job)
+                run.raise_for_status()
+            finally:
+                worker.stop()
+        masks.append(volume_io.read_on_grid(job.mask_file, shape, matrix))
+    np.testing.assert_array_equal(masks[0], masks[1])
+    assert masks[0].shape == shape and set(np.unique(masks[0])) <= {0, 1}
+
+
 # --- the local backend's warm model: one `causalclipseg worker` of the real package -------------------------
 
 
@@ -995,8 +1061,8 @@ def test_a_killed_worker_is_replaced_with_the_reason(tmp_path: Path, tiny_checkp
         third = _start(worker, _worker_job(tmp_path / "c", other))
         lines = third.poll().lines
         third.cancel()
-        assert f"The interpreter, model, checkpoint, device or idle timeout changed: the model process (pid " \
-               f"{second.pid}) was stopped; starting a new one." in lines
+        assert f"The interpreter, model, model config, checkpoint, device or idle timeout changed: the model process " \
+               f"(pid {second.pid}) was stopped; starting a new one." in lines
         assert third.pid not in (first.pid, second.pid)
     finally:
         worker.stop()

@@ -16,6 +16,7 @@ import torch
 from causalclipseg import cli, create_model
 from causalclipseg.inference.predictor import Predictor
 from causalclipseg.inference.worker import PredictWorker, serve
+from causalclipseg.registry import _CONFIG_DIR, _CONFIGS, add_model_config
 from causalclipseg.training.checkpoint import save_weights
 
 PROMPT = "bilateral pulmonary infection, two infected areas, lower left lung and lower right lung."
@@ -123,6 +124,45 @@ def test_a_rewritten_checkpoint_is_loaded_again(tmp_path: Path, checkpoint: Path
     os.utime(weights, ns=(time.time_ns(), time.time_ns() + 10**9))  # a new epoch written to the same file
     assert worker.predictor("tiny", str(weights), "cpu") is not kept
     assert sum("loading model" in line for line in log) == 2
+
+
+def test_a_request_with_a_model_config_runs_the_variant_it_registers(tmp_path: Path) -> None:
+    """``model_config`` in a request registers a variant the package does not ship, as ``predict --model-config``
+    does, and gives the same files; without it the name is an unknown model, and a missing or rewritten config file is
+    an error line or a reload, the worker carrying on."""
+    config = json.loads((_CONFIG_DIR / "tiny.json").read_text())
+    config["decoder"]["dim"] = 32  # a variant no shipped weights fit
+    variant = tmp_path / "worker-variant.json"
+    variant.write_text(json.dumps(config))
+    log: list[str] = []
+    worker = PredictWorker(log=log.append)
+    try:
+        add_model_config(variant)
+        torch.manual_seed(1)
+        weights = save_weights(create_model("worker-variant").state_dict(), tmp_path / "variant.pt")
+        _CONFIGS.pop("worker-variant")
+        unregistered = write_job(tmp_path / "unregistered", weights, model="worker-variant")
+        missing = write_job(tmp_path / "missing", weights, model="worker-variant",
+                            model_config=str(tmp_path / "nowhere.json"))
+        job = write_job(tmp_path / "job", weights, explain=True, model="worker-variant", model_config=str(variant))
+        refused, lost, answered = answer_all(worker, unregistered, missing, job)
+        assert not refused["ok"] and refused["error"].startswith("unknown model 'worker-variant'")
+        assert lost == {"request": str(missing), "ok": False,
+                        "error": f"model config path not found: {tmp_path / 'nowhere.json'}"}
+        assert answered["ok"], answered
+        reference = tmp_path / "reference"
+        assert cli.main(["predict", str(tmp_path / "job" / "input.nii.gz"), "--prompt", PROMPT, "--model-config",
+                         str(variant), "--model", "worker-variant", "--checkpoint", str(weights), "--device", "cpu",
+                         "--explain", "--output-dir", str(reference)]) == 0
+        for name in ("input_mask.nii.gz", "input_probability.nii.gz"):
+            np.testing.assert_array_equal(np.asarray(nib.load(tmp_path / "job" / "output" / name).dataobj),
+                                          np.asarray(nib.load(reference / name).dataobj))
+        kept = worker.predictor("worker-variant", str(weights), "cpu", str(variant))
+        assert worker.predictor("worker-variant", str(weights), "cpu", str(variant)) is kept
+        os.utime(variant, ns=(time.time_ns(), time.time_ns() + 10**9))  # the config edited: the model is rebuilt
+        assert worker.predictor("worker-variant", str(weights), "cpu", str(variant)) is not kept
+    finally:
+        _CONFIGS.pop("worker-variant", None)
 
 
 def test_idle_timeout_and_closed_input_end_the_worker() -> None:

@@ -7,18 +7,19 @@ Protocol, one UTF-8 line per message:
 
 - **stdin**: the path of a job's ``request.json`` per line, as the Slicer module's job folder holds it
   (``TextPromptSegmentationLib/request.py``: ``input``, ``prompt_file``, ``output_dir``, ``prompt_side``, ``device``,
-  ``threshold``, ``model``, ``checkpoint``, ``explain``, ``flip_tta``). The file stays the record of what was asked.
+  ``threshold``, ``model``, ``model_config``, ``checkpoint``, ``explain``, ``flip_tta``). The file stays the record of
+  what was asked.
 - **stdout**: one JSON answer per request, ``{"request": PATH, "ok": true, "files": [...], "seconds": S}`` or
   ``{"request": PATH, "ok": false, "error": "one line"}``. Nothing else is written there: :func:`run` sends what
   Python or a library prints to stdout to stderr instead.
 - **stderr**: the log (model loading, progress bars of volumes, tracebacks of unexpected errors).
 
 A request runs what ``causalclipseg predict INPUT --prompt-file F --prompt-side S --output-dir O --device D
---threshold T --overwrite [--explain] [--flip-tta] [--model M] [--checkpoint C]`` runs, through the same
-:class:`~causalclipseg.inference.predictor.Predictor`; only the loaded model is kept between requests, one per
-(model, checkpoint file and its modification time, device). A request that fails is answered with its one-line
-error and the worker carries on. The worker exits after ``idle_timeout`` seconds without a request, and when stdin
-closes (its client has gone).
+--threshold T --overwrite [--explain] [--flip-tta] [--model M] [--model-config J] [--checkpoint C]`` runs, through the
+same :class:`~causalclipseg.inference.predictor.Predictor`; only the loaded model is kept between requests, one per
+(model, model config file, checkpoint file, their modification times, device). A request that fails is answered
+with its one-line error and the worker carries on. The worker exits after ``idle_timeout`` seconds without a
+request, and when stdin closes (its client has gone).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from typing import TextIO
 
 from ..factory import DEFAULT_MODEL
 from ..io.inputs import list_inputs
+from ..registry import add_model_config
 from ..tokenizer import read_prompt
 from .predictor import Predictor, _one_line
 
@@ -90,9 +92,22 @@ class WorkerRequest:
         self.device: str = _field(record, "device", str, "auto", src)
         self.threshold = float(_field(record, "threshold", (int, float), 0.5, src))
         self.model: str = _field(record, "model", str, None, src) or DEFAULT_MODEL
+        self.model_config: str | None = _field(record, "model_config", str, None, src) or None
         self.checkpoint: str | None = _field(record, "checkpoint", str, None, src) or None
         self.explain: bool = _field(record, "explain", bool, False, src)
         self.flip_tta: bool = _field(record, "flip_tta", bool, False, src)
+
+
+def _file_key(path: str | None) -> tuple[str | None, int | None]:
+    """A file's resolved path and modification time, what a loaded model depends on (``None`` where unreadable:
+    the loader then says what is wrong with it)."""
+    if path is None:
+        return None, None
+    try:
+        stamp = os.stat(path).st_mtime_ns
+    except OSError:
+        stamp = None
+    return str(Path(path).resolve()), stamp
 
 
 class PredictWorker:
@@ -114,21 +129,24 @@ class PredictWorker:
         self.log = log if log is not None else lambda text: print(text, file=sys.stderr, flush=True)
         self._predictors: collections.OrderedDict[tuple, Predictor] = collections.OrderedDict()
 
-    def predictor(self, model: str, checkpoint: str | None, device: str) -> Predictor:
+    def predictor(self, model: str, checkpoint: str | None, device: str, model_config: str | None = None) -> Predictor:
         """The loaded predictor for these settings, loading it when needed.
 
-        A checkpoint file rewritten since it was loaded (a new training epoch) is loaded again.
+        A checkpoint or model config file rewritten since it was loaded (a new training epoch) is loaded again.
+
+        Args:
+            model: the variant, registered or registered now from ``model_config``.
+            checkpoint: its weights; ``None``: the shipped ones.
+            device: where it runs.
+            model_config: a model config file (or folder) to register first, as ``predict --model-config``.
 
         Raises:
-            ValueError, FileNotFoundError: as :class:`Predictor` (unknown model, bad device, missing weights).
+            ValueError, FileNotFoundError: as :class:`Predictor` (unknown model, bad device, missing weights) and
+                :func:`~causalclipseg.registry.add_model_config` (missing or invalid config).
         """
-        stamp = None
-        if checkpoint is not None:
-            try:
-                stamp = os.stat(checkpoint).st_mtime_ns
-            except OSError:
-                stamp = None  # Predictor says what is wrong with it
-        key = (model, str(Path(checkpoint).resolve()) if checkpoint else None, stamp, device)
+        if model_config is not None:
+            add_model_config(model_config)
+        key = (model, *_file_key(model_config), *_file_key(checkpoint), device)
         if key in self._predictors:
             self._predictors.move_to_end(key)
             return self._predictors[key]
@@ -148,7 +166,7 @@ class PredictWorker:
         try:
             request = WorkerRequest(request_file)
             text = read_prompt(None, request.prompt_file)
-            predictor = self.predictor(request.model, request.checkpoint, request.device)
+            predictor = self.predictor(request.model, request.checkpoint, request.device, request.model_config)
             predictor.configure(request.threshold, request.prompt_side, request.flip_tta)
             files: list[Path] = []
             for path in list_inputs(request.input):

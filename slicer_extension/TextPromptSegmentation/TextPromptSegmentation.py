@@ -112,6 +112,7 @@ class TextPromptSegmentationWidget(ScriptedLoadableModuleWidget):
         self.ui.pythonPathLineEdit.currentPath = settings.value(SETTINGS + "Python", "")
         self.ui.checkpointPathLineEdit.currentPath = settings.value(SETTINGS + "Checkpoint", "")
         self.ui.modelLineEdit.text = settings.value(SETTINGS + "Model", "")
+        self.ui.modelConfigPathLineEdit.currentPath = settings.value(SETTINGS + "ModelConfig", "")
         self.ui.backendComboBox.currentIndex = max(0, self.ui.backendComboBox.findData(
             settings.value(SETTINGS + "Backend", LOCAL)))
         self.ui.deviceComboBox.currentIndex = max(0, self.ui.deviceComboBox.findData(
@@ -174,6 +175,7 @@ class TextPromptSegmentationWidget(ScriptedLoadableModuleWidget):
         self.ui.pythonPathLineEdit.enabled = not remote and not running
         self.ui.checkpointPathLineEdit.enabled = not remote and not running
         self.ui.modelLineEdit.enabled = not remote and not running
+        self.ui.modelConfigPathLineEdit.enabled = not remote and not running
         for widget in (self.ui.inputVolumeSelector, self.ui.promptTextEdit, self.ui.examplePromptComboBox,
                        self.ui.promptSideComboBox, self.ui.backendComboBox, self.ui.deviceComboBox,
                        self.ui.thresholdSliderWidget, self.ui.outputSegmentationSelector, self.ui.installButton,
@@ -205,6 +207,7 @@ class TextPromptSegmentationWidget(ScriptedLoadableModuleWidget):
         settings.setValue(SETTINGS + "Python", self.ui.pythonPathLineEdit.currentPath)
         settings.setValue(SETTINGS + "Checkpoint", self.ui.checkpointPathLineEdit.currentPath)
         settings.setValue(SETTINGS + "Model", self.ui.modelLineEdit.text)
+        settings.setValue(SETTINGS + "ModelConfig", self.ui.modelConfigPathLineEdit.currentPath)
         settings.setValue(SETTINGS + "Backend", self.backend())
         settings.setValue(SETTINGS + "Device", self.ui.deviceComboBox.currentData)
         settings.setValue(SETTINGS + "PromptSide", self.ui.promptSideComboBox.currentData)
@@ -266,6 +269,7 @@ class TextPromptSegmentationWidget(ScriptedLoadableModuleWidget):
                 threshold=float(self.ui.thresholdSliderWidget.value),
                 checkpoint=self.ui.checkpointPathLineEdit.currentPath.strip() or None,
                 model=self.ui.modelLineEdit.text.strip() or None,
+                model_config=self.ui.modelConfigPathLineEdit.currentPath.strip() or None,
                 prompt_side=self.ui.promptSideComboBox.currentData, explain=bool(self.ui.explainCheckBox.checked),
                 flip_tta=bool(self.ui.flipTtaCheckBox.checked))
             if self.ui.outputSegmentationSelector.currentNode() is None:

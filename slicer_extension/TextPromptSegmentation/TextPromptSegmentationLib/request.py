@@ -6,7 +6,8 @@ A job folder holds everything one run needs and leaves behind, so that a failed 
     job/
       input.nii.gz      the volume, on its exact geometry (see :mod:`.volume_io`)
       prompt.txt        the prompt (any punctuation is safe in a file)
-      request.json      prompt, prompt side, device, threshold, model, checkpoint, explain, input and output paths
+      request.json      prompt, prompt side, device, threshold, model, model config, checkpoint, explain, flip TTA,
+                        input and output paths
       output/           where ``causalclipseg predict`` (or ``causalclipseg worker``) writes ``input_mask.nii.gz``, and
                         with ``explain`` ``input_probability.nii.gz`` and ``input_causal_mask.nii.gz``
 
@@ -62,6 +63,8 @@ class SegmentationRequest:
         device: ``auto`` (GPU when present), ``cpu``, ``cuda`` or ``cuda:N``.
         threshold: probability from which (>=) a voxel is in the segment, in (0, 1).
         model: model variant; ``None`` lets the package pick its default.
+        model_config: a model config file (or folder) that registers ``model`` when the package does not ship it (a
+            variant trained with ``causalclipseg train --model-config``); ``None``: none.
         checkpoint: weights file; ``None`` uses the weights shipped with the package.
         prompt_side: whose left "left" in the prompt is: ``patient`` (as clinicians say; in Slicer's default views the
             patient's left is on the screen's right) or ``viewer`` (the screen's sides, as QaTa-COV19's captions).
@@ -83,6 +86,7 @@ class SegmentationRequest:
     prompt_side: str = "patient"
     explain: bool = False
     flip_tta: bool = False
+    model_config: str | None = None
 
     def __post_init__(self) -> None:
         if not self.prompt.strip():
@@ -97,10 +101,9 @@ class SegmentationRequest:
         for name in ("explain", "flip_tta"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
-        if self.checkpoint is not None and not self.checkpoint.strip():
-            object.__setattr__(self, "checkpoint", None)
-        if self.model is not None and not self.model.strip():
-            object.__setattr__(self, "model", None)
+        for name in ("checkpoint", "model", "model_config"):  # blank: not given
+            if getattr(self, name) is not None and not getattr(self, name).strip():
+                object.__setattr__(self, name, None)
 
     def server_params(self) -> dict[str, str | float | bool]:
         """The ``params`` of a MONAI Label ``/infer`` request: prompt, prompt side, device, threshold and flip TTA."""
@@ -175,7 +178,7 @@ def load_request(request_file: str | os.PathLike) -> dict:
     record.setdefault("flip_tta", False)
     SegmentationRequest(record["prompt"], record["device"], record["threshold"], record.get("model"),
                         record.get("checkpoint"), record["prompt_side"], record["explain"],
-                        record["flip_tta"])  # validates
+                        record["flip_tta"], record.get("model_config"))  # validates
     return record
 
 
@@ -197,6 +200,8 @@ def build_predict_command(python: str | os.PathLike, request_file: str | os.Path
                "--device", record["device"], "--threshold", repr(float(record["threshold"])), "--overwrite"]
     if record.get("model"):
         command += ["--model", record["model"]]
+    if record.get("model_config"):
+        command += ["--model-config", record["model_config"]]
     if record.get("checkpoint"):
         command += ["--checkpoint", record["checkpoint"]]
     if record["explain"]:

@@ -6,8 +6,8 @@ process (``python -m causalclipseg.cli worker``, in its own process group like a
 and sends it the job's ``request.json`` path on stdin; the worker answers one JSON line on stdout and keeps the
 model for the next run. Its log and progress bars arrive on stderr like the predict command's.
 
-- One worker per Slicer session: :func:`shared_worker`, keyed by interpreter, model, checkpoint, device and idle
-  timeout. A run with another key stops the worker and starts a new one.
+- One worker per Slicer session: :func:`shared_worker`, keyed by interpreter, model, model config, checkpoint, device
+  and idle timeout. A run with another key stops the worker and starts a new one.
 - It exits by itself after ``idle_timeout`` seconds without a request (and when Slicer, holding its stdin, exits).
 - :meth:`WorkerRun.cancel` ends the worker's whole process group, as cancelling a predict process does; the next run
   starts a new worker and says so in the log. A worker that died (crash, killed, idle exit) is replaced the same
@@ -144,9 +144,9 @@ class ModelWorker:
                              "model again.")
                 self._runner = None
             elif key != self._key:
-                self.stop("the interpreter, model, checkpoint, device or idle timeout changed")
-                notes.append(f"The interpreter, model, checkpoint, device or idle timeout changed: the model process "
-                             f"(pid {pid}) was stopped; starting a new one.")
+                self.stop("the interpreter, model, model config, checkpoint, device or idle timeout changed")
+                notes.append(f"The interpreter, model, model config, checkpoint, device or idle timeout changed: the "
+                             f"model process (pid {pid}) was stopped; starting a new one.")
                 self._runner = None
             elif idle > self._idle_timeout * (1.0 - self.margin):
                 self.stop(f"idle for {idle:.0f} s")
@@ -184,7 +184,8 @@ class WorkerRun(PolledRun):
         self.request_file = str(request_file)
         self.command = build_worker_command(python, idle_timeout)
         self._worker, self._env, self._idle_timeout = worker, env, idle_timeout
-        self._key = (str(python), record.get("model"), record.get("checkpoint"), record["device"], idle_timeout)
+        self._key = (str(python), record.get("model"), record.get("model_config"), record.get("checkpoint"),
+                     record["device"], idle_timeout)
         self._runner: ProcessRunner | None = None
         self._state = RunState.NOT_STARTED
         self._notes: list[str] = []
