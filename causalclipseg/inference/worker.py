@@ -111,7 +111,7 @@ def _file_key(path: str | None) -> tuple[str | None, int | None]:
 
 
 class PredictWorker:
-    """Answers requests with a :class:`Predictor` kept per (model, checkpoint, device).
+    """Answers requests with a :class:`Predictor` kept per (model, model config, checkpoint, device).
 
     Args:
         max_models: how many loaded models to keep; the least recently used is dropped before another is loaded
