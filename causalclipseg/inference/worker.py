@@ -144,12 +144,12 @@ class PredictWorker:
             ValueError, FileNotFoundError: as :class:`Predictor` (unknown model, bad device, missing weights) and
                 :func:`~causalclipseg.registry.add_model_config` (missing or invalid config).
         """
-        if model_config is not None:
-            add_model_config(model_config)
         key = (model, *_file_key(model_config), *_file_key(checkpoint), device)
-        if key in self._predictors:
+        if key in self._predictors:  # its config was registered when it was loaded
             self._predictors.move_to_end(key)
             return self._predictors[key]
+        if model_config is not None:  # before anything is dropped: a bad config leaves the kept model
+            add_model_config(model_config)
         while len(self._predictors) >= self.max_models:
             self._predictors.popitem(last=False)  # before loading: never two models' memory at once
         start = time.perf_counter()
